@@ -1,0 +1,7 @@
+"""Root conftest: registers the fixture modules that start real components."""
+
+pytest_plugins = [
+    "tests.infra.guard",
+    "tests.infra.vault",
+    "tests.infra.devserver",
+]

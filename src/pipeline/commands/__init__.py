@@ -1,0 +1,1 @@
+"""Helper commands: everything on the command line that is not a stage."""

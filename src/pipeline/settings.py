@@ -1,0 +1,257 @@
+"""Settings: pydantic-settings models over the job's environment.
+
+GitLab's and the platform's variable names are used as they are
+(``CI_COMMIT_SHA``, ``NEXUS_REGISTRY``, ``DEV_SERVER_IP``); knobs of our own are
+``PIPELINE_*``. Every model reads one mapping, the :func:`read_environment`
+result, so a run is a pure function of that mapping. :func:`load` validates
+every model a command needs at once and reports every bad variable together.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import ClassVar, TypeVar
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from pipeline.errors import SettingsError, UsageError
+from pipeline.log import log
+
+M = TypeVar("M", bound="Settings")
+
+_ENVIRON: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar("environ")
+HOST_PORT = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?(:[0-9]{1,5})?\Z")
+IMAGE_NAME = re.compile(r"[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*(/[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*)*\Z")
+HEX_SHA = re.compile(r"[0-9a-f]{40}([0-9a-f]{24})?\Z")
+
+
+def read_environment(env_file: Path | None = None) -> dict[str, str]:
+    """The process environment over the ``--env-file`` values (the environment wins)."""
+    from dotenv import dotenv_values
+
+    values: dict[str, str] = {}
+    if env_file is not None:
+        try:
+            with env_file.open(encoding="utf-8") as stream:
+                loaded = dotenv_values(stream=stream)
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise UsageError(f"--env-file {env_file}: cannot read it: {reason}") from exc
+        values = {key: value for key, value in loaded.items() if value is not None}
+    return {**values, **os.environ}
+
+
+class _MappingSource(EnvSettingsSource):
+    """The env source, reading the mapping given to :func:`load` instead of os.environ."""
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        environ = _ENVIRON.get({})
+        pairs = {k: v for k, v in environ.items() if not (self.env_ignore_empty and v == "")}
+        if self.case_sensitive:
+            return pairs
+        return {key.lower(): value for key, value in pairs.items()}
+
+
+class Settings(BaseSettings):
+    """Base of every settings model: read-only, case-sensitive, empty means unset."""
+
+    model_config = SettingsConfigDict(
+        case_sensitive=True, env_ignore_empty=True, extra="ignore", frozen=True
+    )
+    #: Shown in the effective-settings listing under this heading.
+    title: ClassVar[str] = "settings"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, _MappingSource(settings_cls))
+
+    @classmethod
+    def variable(cls, field: str) -> str:
+        """The environment variable that sets ``field``."""
+        info = cls.model_fields[field]
+        return _variable_name(cls, field, info)
+
+    def effective(self) -> Iterator[tuple[str, str]]:
+        """(variable, shown value) for every field, secrets masked."""
+        for name, info in type(self).model_fields.items():
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                shown = "[MASKED]" if value.get_secret_value() else "(unset)"
+            elif value is None:
+                shown = "(unset)"
+            elif isinstance(value, tuple | list):
+                shown = ",".join(str(item) for item in value) or "(empty)"
+            else:
+                shown = str(value)
+            yield _variable_name(type(self), name, info), shown
+
+
+def _variable_name(model: type[BaseSettings], field: str, info: FieldInfo) -> str:
+    alias = info.validation_alias
+    if isinstance(alias, str):
+        return alias
+    if isinstance(alias, AliasChoices):
+        return str(alias.choices[0])
+    prefix = model.model_config.get("env_prefix", "")
+    return f"{prefix}{field}".upper()
+
+
+def load(models: tuple[type[Settings], ...], environ: Mapping[str, str]) -> dict[type[Settings], Settings]:
+    """Validate every model against ``environ``; raise one error listing every problem."""
+    loaded: dict[type[Settings], Settings] = {}
+    problems: list[str] = []
+    token = _ENVIRON.set(environ)
+    try:
+        for model in models:
+            try:
+                loaded[model] = model()
+            except ValidationError as exc:
+                problems.extend(_describe(model, exc))
+    finally:
+        _ENVIRON.reset(token)
+    if problems:
+        raise SettingsError(problems)
+    for instance in loaded.values():
+        for value in instance.model_dump().values():
+            if isinstance(value, SecretStr):
+                log.add_secret(value.get_secret_value())
+    return loaded
+
+
+def _describe(model: type[Settings], exc: ValidationError) -> Iterator[str]:
+    for error in exc.errors(include_url=False, include_input=False):
+        field = str(error["loc"][0]) if error["loc"] else ""
+        if field in model.model_fields:
+            variable = model.variable(field)
+        else:
+            variable = field.upper() or model.title
+        message = str(error["msg"]).removeprefix("Value error, ")
+        yield f"{variable}: {message}"
+
+
+def _host_port(value: str | None, what: str) -> str | None:
+    if value is None:
+        return None
+    if "://" in value or "/" in value:
+        raise ValueError(f"must be host:port without a scheme or path, got {value!r}")
+    if not HOST_PORT.match(value):
+        raise ValueError(f"is not a valid {what} host:port: {value!r}")
+    return value
+
+
+class OutputSettings(Settings):
+    """How output looks: colour policy and GitLab sections."""
+
+    title: ClassVar[str] = "output"
+
+    gitlab_ci: bool = Field(False, validation_alias="GITLAB_CI")
+    no_color: str | None = Field(None, validation_alias="NO_COLOR")
+    force_color: str | None = Field(None, validation_alias="FORCE_COLOR")
+
+
+class GitLabSettings(Settings):
+    """GitLab's predefined ``CI_*`` variables (all optional outside CI)."""
+
+    model_config = SettingsConfigDict(env_prefix="CI_")
+    title: ClassVar[str] = "GitLab context"
+
+    gitlab_ci: bool = Field(False, validation_alias="GITLAB_CI")
+    commit_sha: str | None = None
+    commit_short_sha: str | None = None
+    commit_branch: str | None = None
+    commit_tag: str | None = None
+    commit_ref_name: str | None = None
+    commit_ref_slug: str | None = None
+    commit_timestamp: str | None = None
+    default_branch: str | None = None
+    project_name: str | None = None
+    project_path: str | None = None
+    project_url: str | None = None
+    project_dir: Path | None = None
+    pipeline_id: str | None = None
+    pipeline_source: str | None = None
+    job_id: str | None = None
+    job_url: str | None = None
+    job_timeout: int | None = None
+
+    @field_validator("commit_sha")
+    @classmethod
+    def _hex_sha(cls, value: str | None) -> str | None:
+        if value is not None and not HEX_SHA.match(value):
+            raise ValueError(f"must be a full hexadecimal commit SHA, got {value!r}")
+        return value
+
+
+class RegistrySettings(Settings):
+    """The Nexus push and pull registries and the image name."""
+
+    model_config = SettingsConfigDict(env_prefix="NEXUS_")
+    title: ClassVar[str] = "registry"
+
+    registry: str = "nexus.shared.cwiq.io:8443"
+    registry_pull: str = "nexus.shared.cwiq.io:8444"
+    image_name: str | None = None
+    image: str | None = None
+    user: str | None = None
+    password: SecretStr | None = None
+    ca_file: Path | None = Field(None, validation_alias="PIPELINE_REGISTRY_CA_FILE")
+
+    @field_validator("registry", "registry_pull")
+    @classmethod
+    def _valid_host(cls, value: str) -> str:
+        return _host_port(value, "registry") or value
+
+    @field_validator("image_name")
+    @classmethod
+    def _valid_name(cls, value: str | None) -> str | None:
+        if value is not None and not IMAGE_NAME.match(value):
+            raise ValueError(
+                f"must be a lower-case repository name like orchestrator-server, got {value!r}"
+            )
+        return value
+
+    def repository_name(self, project_name: str) -> str:
+        """``NEXUS_IMAGE_NAME``, or the platform's default ``orchestrator-<project>``."""
+        if self.image_name:
+            return self.image_name
+        return f"orchestrator-{project_name.lower()}"
+
+    def check_image(self, name: str) -> None:
+        """Refuse a ``NEXUS_IMAGE`` that points somewhere else than registry/name."""
+        expected = f"{self.registry}/{name}"
+        if self.image and self.image != expected:
+            raise SettingsError(
+                [f"NEXUS_IMAGE: is {self.image!r} but NEXUS_REGISTRY/NEXUS_IMAGE_NAME give {expected!r}; unset one or make them agree"]
+            )
+
+
+class PipelineSettings(Settings):
+    """Knobs every stage shares."""
+
+    model_config = SettingsConfigDict(env_prefix="PIPELINE_")
+    title: ClassVar[str] = "pipeline"
+
+    build_env: Path = Path("build.env")
+    retry_attempts: int = Field(4, ge=1, le=20)
+    retry_budget_seconds: float = Field(600.0, gt=0)
+    retry_initial_seconds: float = Field(2.0, ge=0)
+    retry_max_seconds: float = Field(30.0, ge=0)
+
