@@ -15,7 +15,7 @@ from pathlib import Path
 from pipeline.errors import UsageError
 from pipeline.settings import GitLabSettings
 from pipeline.shell import Shell
-from pipeline.tags import Ref, short_sha
+from pipeline.tags import VERSION_TAG, Ref, short_sha
 
 DEFAULT_BRANCH_FALLBACK = "main"
 
@@ -109,6 +109,12 @@ def _context(gitlab: GitLabSettings, ref: Ref, project: str, project_dir: Path, 
     )
 
 
+def _release_first(tag: str) -> tuple[bool, bool, str]:
+    """Order tags at one commit: a release, then a pre-release, then any other tag."""
+    match = VERSION_TAG.match(tag)
+    return (match is not None and match["pre"] is None, match is not None, tag)
+
+
 @dataclass(frozen=True)
 class _Git:
     """Read-only git queries; they run under dry-run too."""
@@ -137,8 +143,7 @@ class _Git:
             return branch, False
         tags = (self._query("tag", "--points-at", "HEAD") or "").split()
         if tags:
-            versions = [tag for tag in tags if tag.startswith("v")]
-            return sorted(versions or tags)[-1], True
+            return max(tags, key=_release_first), True
         raise UsageError(
             "HEAD is detached and no tag points at it: check out a branch, or set "
             "CI_COMMIT_BRANCH or CI_COMMIT_TAG"

@@ -64,10 +64,10 @@ class _MappingSource(EnvSettingsSource):
 
 
 class Settings(BaseSettings):
-    """Base of every settings model: read-only, case-sensitive, empty means unset."""
+    """Base of every settings model: read-only, empty means unset."""
 
     model_config = SettingsConfigDict(
-        case_sensitive=True, env_ignore_empty=True, extra="ignore", frozen=True
+        case_sensitive=False, env_ignore_empty=True, extra="ignore", frozen=True
     )
     #: Shown in the effective-settings listing under this heading.
     title: ClassVar[str] = "settings"

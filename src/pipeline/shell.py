@@ -139,6 +139,7 @@ class Shell:
                 _err=relay(err),
                 _bg=True,
                 _bg_exc=False,
+                _tty_out=False,
                 _ok_code=list(range(256)),
                 _timeout=timeout,
                 _encoding="utf-8",
