@@ -255,3 +255,41 @@ class PipelineSettings(Settings):
     retry_initial_seconds: float = Field(2.0, ge=0)
     retry_max_seconds: float = Field(30.0, ge=0)
 
+
+
+# Per-stage knobs. Each stage declares the models it needs in its SETTINGS tuple,
+# so a command validates exactly the variables it will use.
+
+
+class VaultSettings(Settings):
+    """Where registry credentials come from: Vault JWT login, or an existing docker config."""
+
+    title: ClassVar[str] = "credentials"
+
+
+class BuildSettings(Settings):
+    """The build stage: Kaniko executor and its inputs."""
+
+    model_config = SettingsConfigDict(env_prefix="PIPELINE_BUILD_")
+    title: ClassVar[str] = "build"
+
+
+class PushSettings(Settings):
+    """The push stage: promotion of moving tags."""
+
+    model_config = SettingsConfigDict(env_prefix="PIPELINE_PUSH_")
+    title: ClassVar[str] = "push"
+
+
+class ScanSettings(Settings):
+    """The trivy-image-scan stage: Trivy, reports, policy, DefectDojo."""
+
+    model_config = SettingsConfigDict(env_prefix="PIPELINE_SCAN_")
+    title: ClassVar[str] = "scan"
+
+
+class DeploySettings(Settings):
+    """The deploy-dev stage: SSH target, compose project, health check."""
+
+    model_config = SettingsConfigDict(env_prefix="PIPELINE_DEPLOY_")
+    title: ClassVar[str] = "deploy"
