@@ -37,7 +37,7 @@ class BuildEnv(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    BUILD_ENV_SCHEMA: Literal["1"] = SCHEMA_VERSION
+    BUILD_ENV_SCHEMA: Literal["1"] = "1"
     IMAGE_TAG: str
     IMAGE_DIGEST: str
     IMAGE_PUSH_REPOSITORY: str
@@ -141,8 +141,8 @@ def write(path: Path, env: BuildEnv) -> None:
             stream.write(text)
             stream.flush()
             os.fsync(stream.fileno())
-        os.chmod(tmp, 0o644)  # noqa: PTH101 - the temporary file has only a name here
-        os.replace(tmp, path)
+        Path(tmp).chmod(0o644)
+        Path(tmp).replace(path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -159,12 +159,18 @@ def parse(text: str, *, source: str) -> dict[str, str]:
         where = f"{source} line {number}"
         if "=" not in line:
             what = "is blank" if not line.strip() else "has no '='"
-            raise ArtifactError(f"{where} {what}: GitLab rejects the whole file (KEY=value lines only)")
+            raise ArtifactError(
+                f"{where} {what}: GitLab rejects the whole file (KEY=value lines only)"
+            )
         key, value = (part.strip() for part in line.split("=", 1))
         if line.lstrip().startswith("#") or not KEY.match(key):
-            raise ArtifactError(f"{where}: {key!r} is not a valid key (comments are not allowed; keys are A-Z a-z 0-9 _)")
+            raise ArtifactError(
+                f"{where}: {key!r} is not a valid key (comments are not allowed; keys are A-Z a-z 0-9 _)"
+            )
         if key in values:
-            raise ArtifactError(f"{where}: {key} appears twice (GitLab would keep the last one silently)")
+            raise ArtifactError(
+                f"{where}: {key} appears twice (GitLab would keep the last one silently)"
+            )
         _check_value(key, value, source=where)
         values[key] = value
     _check_size(len(values), len(text.encode()), source=source)
@@ -191,11 +197,15 @@ def _read_file(path: Path) -> dict[str, str]:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{path}: cannot read it: {getattr(exc, 'strerror', None) or exc}") from exc
+        raise ArtifactError(
+            f"{path}: cannot read it: {getattr(exc, 'strerror', None) or exc}"
+        ) from exc
     return parse(text, source=str(path))
 
 
-def _refuse_disagreement(from_file: dict[str, str], from_env: dict[str, str], path: Path | None) -> None:
+def _refuse_disagreement(
+    from_file: dict[str, str], from_env: dict[str, str], path: Path | None
+) -> None:
     for key, value in from_env.items():
         if key in from_file and from_file[key] != value:
             raise ArtifactError(
@@ -217,9 +227,13 @@ def _validate(values: Mapping[str, str], *, source: str) -> BuildEnv:
         raise ArtifactError(_first_problem(exc, source)) from None
     expected = f"{env.IMAGE_PULL_REPOSITORY}@{env.IMAGE_DIGEST}"
     if env.IMAGE_PULL_REF != expected:
-        raise ArtifactError(f"{source}: IMAGE_PULL_REF is {env.IMAGE_PULL_REF!r}, expected {expected!r}")
+        raise ArtifactError(
+            f"{source}: IMAGE_PULL_REF is {env.IMAGE_PULL_REF!r}, expected {expected!r}"
+        )
     if env.IMAGE_TAG not in env.immutable_tags:
-        raise ArtifactError(f"{source}: IMAGE_TAG {env.IMAGE_TAG!r} is not among IMAGE_IMMUTABLE_TAGS")
+        raise ArtifactError(
+            f"{source}: IMAGE_TAG {env.IMAGE_TAG!r} is not among IMAGE_IMMUTABLE_TAGS"
+        )
     return env
 
 

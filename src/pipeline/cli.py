@@ -21,7 +21,7 @@ from types import FrameType, ModuleType
 from typing import NoReturn
 
 from pipeline import __version__
-from pipeline.errors import Interrupted, NotBuiltError, PipelineError, SettingsError
+from pipeline.errors import InterruptError, NotBuiltError, PipelineError, SettingsError
 from pipeline.log import log, use_colour
 from pipeline.retry import RetryPolicy
 from pipeline.runtime import Runtime
@@ -55,14 +55,46 @@ class Command:
 
 
 COMMANDS = (
-    Command(name="build", help="build the image with Kaniko and write build.env", module="pipeline.stages.build", stage=True),
-    Command(name="push", help="promote the moving tags to the built digest", module="pipeline.stages.push", stage=True),
-    Command(name="trivy-image-scan", help="scan the built image with Trivy", module="pipeline.stages.trivy_image_scan", stage=True),
-    Command(name="deploy-dev", help="deploy the built image to the DEV server", module="pipeline.stages.deploy_dev", stage=True),
-    Command(name="tags", help="print the tag plan for the current context", module="pipeline.commands.tags"),
+    Command(
+        name="build",
+        help="build the image with Kaniko and write build.env",
+        module="pipeline.stages.build",
+        stage=True,
+    ),
+    Command(
+        name="push",
+        help="promote the moving tags to the built digest",
+        module="pipeline.stages.push",
+        stage=True,
+    ),
+    Command(
+        name="trivy-image-scan",
+        help="scan the built image with Trivy",
+        module="pipeline.stages.trivy_image_scan",
+        stage=True,
+    ),
+    Command(
+        name="deploy-dev",
+        help="deploy the built image to the DEV server",
+        module="pipeline.stages.deploy_dev",
+        stage=True,
+    ),
+    Command(
+        name="tags",
+        help="print the tag plan for the current context",
+        module="pipeline.commands.tags",
+    ),
     Command(name="artifact", help="check or show a build.env", module="pipeline.commands.artifact"),
-    Command(name="login", help="write registry credentials to a docker config.json", module="pipeline.commands.login"),
-    Command(name="plan", help="print every command every stage would run", module="pipeline.commands.plan"),
+    Command(
+        name="login",
+        help="write registry credentials to a docker config.json",
+        module="pipeline.commands.login",
+    ),
+    Command(
+        name="plan",
+        help="print every command every stage would run",
+        module="pipeline.commands.plan",
+    ),
     Command(name="run", help="run the stages in order", module="pipeline.commands.run"),
 )
 
@@ -76,25 +108,54 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     mode = common.add_mutually_exclusive_group()
-    mode.add_argument("--dry-run", dest="dry_run", action="store_true", default=None, help="print what would run, run nothing (default outside GitLab CI)")
-    mode.add_argument("--execute", dest="dry_run", action="store_false", help="really run (default inside GitLab CI)")
-    common.add_argument("--env-file", type=Path, metavar="FILE", help="load variables from a .env file (the environment wins)")
+    mode.add_argument(
+        "--dry-run",
+        dest="dry_run",
+        action="store_true",
+        default=None,
+        help="print what would run, run nothing (default outside GitLab CI)",
+    )
+    mode.add_argument(
+        "--execute",
+        dest="dry_run",
+        action="store_false",
+        help="really run (default inside GitLab CI)",
+    )
+    common.add_argument(
+        "--env-file",
+        type=Path,
+        metavar="FILE",
+        help="load variables from a .env file (the environment wins)",
+    )
 
     parser = _Parser(prog="pipeline", description="Container stages of a GitLab CI pipeline.")
-    parser.add_argument("--version", action="version", version=f"orchestrator-pipeline {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="<command>", title="stages and commands", parser_class=_Parser)
+    parser.add_argument(
+        "--version", action="version", version=f"orchestrator-pipeline {__version__}"
+    )
+    sub = parser.add_subparsers(
+        dest="command", metavar="<command>", title="stages and commands", parser_class=_Parser
+    )
     sub.required = True
-    parsers = {command.name: sub.add_parser(command.name, help=command.help, parents=[common]) for command in COMMANDS}
+    parsers = {
+        command.name: sub.add_parser(command.name, help=command.help, parents=[common])
+        for command in COMMANDS
+    }
 
     for name in ("tags", "plan"):
         parsers[name].add_argument("--json", action="store_true", help="print JSON")
     artifact = parsers["artifact"]
     artifact.add_argument("action", choices=("check", "show"))
-    artifact.add_argument("file", nargs="?", type=Path, help="the build.env to read (default: PIPELINE_BUILD_ENV)")
+    artifact.add_argument(
+        "file", nargs="?", type=Path, help="the build.env to read (default: PIPELINE_BUILD_ENV)"
+    )
     artifact.add_argument("--json", action="store_true", help="print JSON (show)")
-    parsers["deploy-dev"].add_argument("--image-tag", metavar="TAG", help="deploy this tag from the pull registry (no build needed)")
+    parsers["deploy-dev"].add_argument(
+        "--image-tag",
+        metavar="TAG",
+        help="deploy this tag from the pull registry (no build needed)",
+    )
     return parser
 
 
@@ -110,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         log.error("interrupted")
-        return Interrupted.exit_code
+        return InterruptError.exit_code
     except Exception:  # noqa: BLE001 - an unexpected error is a bug: show everything
         log.info(log.mask(traceback.format_exc()))
         log.error("unexpected error (a bug in orchestrator-pipeline; the traceback is above)")
@@ -120,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _raise_interrupted(_signum: int, _frame: FrameType | None) -> None:
-    raise Interrupted("terminated by SIGTERM")
+    raise InterruptError("terminated by SIGTERM")
 
 
 def _report(exc: PipelineError) -> None:
@@ -141,11 +202,17 @@ def _run(command: Command, args: argparse.Namespace) -> int:
     assert isinstance(output, OutputSettings)
     isatty = sys.stderr.isatty()
     log.configure(
-        colour=use_colour(no_color=bool(output.no_color), force_color=bool(output.force_color), isatty=isatty),
+        colour=use_colour(
+            no_color=bool(output.no_color), force_color=bool(output.force_color), isatty=isatty
+        ),
         gitlab_sections=output.gitlab_ci,
     )
     dry_run = (not output.gitlab_ci) if args.dry_run is None else bool(args.dry_run)
-    log.info(_banner(command.name, dry_run=dry_run, explicit=args.dry_run is not None, in_ci=output.gitlab_ci))
+    log.info(
+        _banner(
+            command.name, dry_run=dry_run, explicit=args.dry_run is not None, in_ci=output.gitlab_ci
+        )
+    )
     _print_settings(loaded)
 
     pipeline = loaded[PipelineSettings]
@@ -158,7 +225,9 @@ def _run(command: Command, args: argparse.Namespace) -> int:
         shell=shell,
         cwd=Path.cwd(),
         loaded=loaded,
-        options={k: v for k, v in vars(args).items() if k not in {"command", "dry_run", "env_file"}},
+        options={
+            k: v for k, v in vars(args).items() if k not in {"command", "dry_run", "env_file"}
+        },
     )
     run: Callable[[Runtime], int | None] = module.run
     code = run(rt) or 0
@@ -170,7 +239,9 @@ def _run(command: Command, args: argparse.Namespace) -> int:
 def _import(command: Command) -> ModuleType:
     if importlib.util.find_spec(command.module) is None:
         kind = "stage" if command.stage else "command"
-        raise NotBuiltError(f"{kind} {command.name!r} is not built yet in orchestrator-pipeline {__version__}")
+        raise NotBuiltError(
+            f"{kind} {command.name!r} is not built yet in orchestrator-pipeline {__version__}"
+        )
     return importlib.import_module(command.module)
 
 
@@ -187,7 +258,9 @@ def _print_settings(loaded: dict[type[Settings], Settings]) -> None:
         for model, instance in loaded.items():
             if model is OutputSettings:
                 continue
-            shown = " ".join(f"{var}={value}" for var, value in instance.effective() if value != "(unset)")
+            shown = " ".join(
+                f"{var}={value}" for var, value in instance.effective() if value != "(unset)"
+            )
             log.info(f"  {model.title}: {shown or '(defaults)'}")
 
 

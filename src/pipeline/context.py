@@ -51,13 +51,17 @@ def detect(gitlab: GitLabSettings, shell: Shell, cwd: Path) -> Context:
 
 def _from_gitlab(gitlab: GitLabSettings, cwd: Path) -> Context:
     if not gitlab.commit_sha:
-        raise UsageError("CI_COMMIT_SHA is not set: GitLab sets it in every job; is GITLAB_CI=true set by hand?")
+        raise UsageError(
+            "CI_COMMIT_SHA is not set: GitLab sets it in every job; is GITLAB_CI=true set by hand?"
+        )
     if gitlab.commit_tag:
         name, is_tag = gitlab.commit_tag, True
     elif gitlab.commit_branch or gitlab.commit_ref_name:
         name, is_tag = (gitlab.commit_branch or gitlab.commit_ref_name or ""), False
     else:
-        raise UsageError("neither CI_COMMIT_BRANCH nor CI_COMMIT_TAG is set: run in a branch or tag pipeline")
+        raise UsageError(
+            "neither CI_COMMIT_BRANCH nor CI_COMMIT_TAG is set: run in a branch or tag pipeline"
+        )
     project_dir = gitlab.project_dir or cwd
     ref = Ref(
         name=name,
@@ -96,7 +100,9 @@ def _given_slug(gitlab: GitLabSettings, name: str, *, is_tag: bool) -> str | Non
     return gitlab.commit_ref_slug
 
 
-def _context(gitlab: GitLabSettings, ref: Ref, project: str, project_dir: Path, *, in_ci: bool) -> Context:
+def _context(
+    gitlab: GitLabSettings, ref: Ref, project: str, project_dir: Path, *, in_ci: bool
+) -> Context:
     return Context(
         in_ci=in_ci,
         ref=ref,

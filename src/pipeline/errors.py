@@ -77,7 +77,7 @@ class RollbackFailedError(PipelineError):
     exit_code = 7
 
 
-class Interrupted(PipelineError):
+class InterruptError(PipelineError):
     """The run was interrupted (SIGINT or SIGTERM)."""
 
     exit_code = 130

@@ -120,7 +120,9 @@ class Logger:
         s = self.style
         if self.gitlab_sections:
             option = "[collapsed=true]" if collapsed else ""
-            self._emit(f"\033[0Ksection_start:{int(time.time())}:{name}{option}\r\033[0K{s.bold}{title}{s.reset}")
+            self._emit(
+                f"\033[0Ksection_start:{int(time.time())}:{name}{option}\r\033[0K{s.bold}{title}{s.reset}"
+            )
         else:
             self._emit(f"{s.bold}{title}{s.reset}")
         try:
@@ -136,7 +138,9 @@ class Logger:
         start = time.monotonic()
         s = self.style
         if self.gitlab_sections:
-            self._emit(f"\033[0Ksection_start:{int(time.time())}:{name}\r\033[0K{s.bold}{title}{s.reset}")
+            self._emit(
+                f"\033[0Ksection_start:{int(time.time())}:{name}\r\033[0K{s.bold}{title}{s.reset}"
+            )
         else:
             self._emit(f"{s.bold}▸ {title}{s.reset}")
         ok = False

@@ -28,11 +28,29 @@ _PERMANENT = re.compile(
     re.IGNORECASE,
 )
 _TRANSIENT: tuple[tuple[re.Pattern[str], str], ...] = (
-    (re.compile(r"TOOMANYREQUESTS|\b429\b|too many requests|rate limit", re.I), "rate limited (429)"),
-    (re.compile(r"\b50[0-4]\b|bad gateway|service unavailable|gateway time-?out|internal server error", re.I), "server error (5xx)"),
-    (re.compile(r"connection reset|broken pipe|connection refused|EOF\b|unexpected EOF", re.I), "connection dropped"),
-    (re.compile(r"i/o timeout|timed? ?out|deadline exceeded|TLS handshake timeout", re.I), "timeout"),
-    (re.compile(r"temporary failure in name resolution|network is unreachable", re.I), "network unreachable"),
+    (
+        re.compile(r"TOOMANYREQUESTS|\b429\b|too many requests|rate limit", re.I),
+        "rate limited (429)",
+    ),
+    (
+        re.compile(
+            r"\b50[0-4]\b|bad gateway|service unavailable|gateway time-?out|internal server error",
+            re.I,
+        ),
+        "server error (5xx)",
+    ),
+    (
+        re.compile(r"connection reset|broken pipe|connection refused|EOF\b|unexpected EOF", re.I),
+        "connection dropped",
+    ),
+    (
+        re.compile(r"i/o timeout|timed? ?out|deadline exceeded|TLS handshake timeout", re.I),
+        "timeout",
+    ),
+    (
+        re.compile(r"temporary failure in name resolution|network is unreachable", re.I),
+        "network unreachable",
+    ),
 )
 
 

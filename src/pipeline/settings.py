@@ -114,7 +114,9 @@ def _variable_name(model: type[BaseSettings], field: str, info: FieldInfo) -> st
     return f"{prefix}{field}".upper()
 
 
-def load(models: tuple[type[Settings], ...], environ: Mapping[str, str]) -> dict[type[Settings], Settings]:
+def load(
+    models: tuple[type[Settings], ...], environ: Mapping[str, str]
+) -> dict[type[Settings], Settings]:
     """Validate every model against ``environ``; raise one error listing every problem."""
     loaded: dict[type[Settings], Settings] = {}
     problems: list[str] = []
@@ -239,7 +241,9 @@ class RegistrySettings(Settings):
         expected = f"{self.registry}/{name}"
         if self.image and self.image != expected:
             raise SettingsError(
-                [f"NEXUS_IMAGE: is {self.image!r} but NEXUS_REGISTRY/NEXUS_IMAGE_NAME give {expected!r}; unset one or make them agree"]
+                [
+                    f"NEXUS_IMAGE: is {self.image!r} but NEXUS_REGISTRY/NEXUS_IMAGE_NAME give {expected!r}; unset one or make them agree"
+                ]
             )
 
 
@@ -254,7 +258,6 @@ class PipelineSettings(Settings):
     retry_budget_seconds: float = Field(600.0, gt=0)
     retry_initial_seconds: float = Field(2.0, ge=0)
     retry_max_seconds: float = Field(30.0, ge=0)
-
 
 
 # Per-stage knobs. Each stage declares the models it needs in its SETTINGS tuple,

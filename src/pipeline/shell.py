@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import shutil
 import signal
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -93,70 +93,79 @@ class Shell:
 
         def attempt() -> Result:
             log.command(args)
-            return self._run_once(
-                program, args, merged, stdin, cwd, timeout, tuple(ok_codes), stream=stream
+            return _run_once(
+                _Invocation(
+                    program=program,
+                    argv=args,
+                    env=merged,
+                    stdin=stdin,
+                    cwd=cwd,
+                    timeout=timeout,
+                    ok_codes=tuple(ok_codes),
+                    stream=stream,
+                )
             )
 
-        return call_with_retry(
-            attempt, policy=self.policy, classify=classify, what=what or args[0]
-        )
+        return call_with_retry(attempt, policy=self.policy, classify=classify, what=what or args[0])
 
     def _warn_if_missing(self, program: str, env: Mapping[str, str]) -> None:
         if program not in self._warned_missing and self.which(program, env) is None:
             self._warned_missing.add(program)
             log.warn(f"{program} not found on PATH (the real run needs it)")
 
-    def _run_once(
-        self,
-        program: str,
-        args: tuple[str, ...],
-        env: Mapping[str, str],
-        stdin: str | None,
-        cwd: Path | None,
-        timeout: float | None,
-        ok_codes: tuple[int, ...],
-        *,
-        stream: bool,
-    ) -> Result:
-        out: list[str] = []
-        err: list[str] = []
 
-        def relay(into: list[str]) -> sh.Callback:
-            def callback(line: str) -> None:
-                into.append(line)
-                if stream:
-                    log.info(line.rstrip("\n"))
+@dataclass(frozen=True, kw_only=True)
+class _Invocation:
+    program: str
+    argv: tuple[str, ...]
+    env: Mapping[str, str]
+    stdin: str | None
+    cwd: Path | None
+    timeout: float | None
+    ok_codes: tuple[int, ...]
+    stream: bool
 
-            return callback
 
-        try:
-            running = sh.Command(program)(
-                *args[1:],
-                _env=dict(env),
-                _in=stdin,
-                _cwd=str(cwd) if cwd else None,
-                _out=relay(out),
-                _err=relay(err),
-                _bg=True,
-                _bg_exc=False,
-                _tty_out=False,
-                _ok_code=list(range(256)),
-                _timeout=timeout,
-                _encoding="utf-8",
-                _decode_errors="replace",
-            )
-            with _forwarding_signals(running):
-                running.wait()
-            code = int(running.exit_code)
-        except sh.TimeoutException as exc:
-            raise ExternalError(f"{args[0]} did not finish within {timeout:g}s") from exc
-        except sh.SignalException as exc:
-            code = int(exc.exit_code)
+def _run_once(call: _Invocation) -> Result:
+    out: list[str] = []
+    err: list[str] = []
 
-        result = Result(argv=args, returncode=code, stdout="".join(out), stderr="".join(err))
-        if code not in ok_codes:
-            raise _command_error(result)
-        return result
+    def relay(into: list[str]) -> Callable[[str], None]:
+        def callback(line: str) -> None:
+            into.append(line)
+            if call.stream:
+                log.info(line.rstrip("\n"))
+
+        return callback
+
+    try:
+        running = sh.Command(call.program)(
+            *call.argv[1:],
+            _env=dict(call.env),
+            _in=call.stdin,
+            _cwd=str(call.cwd) if call.cwd else None,
+            _out=relay(out),
+            _err=relay(err),
+            _bg=True,
+            _bg_exc=False,
+            _tty_out=False,
+            _ok_code=list(range(256)),
+            _timeout=call.timeout,
+            _encoding="utf-8",
+            _decode_errors="replace",
+        )
+        with _forwarding_signals(running):
+            running.wait()
+        code = int(running.exit_code)
+    except sh.TimeoutException as exc:
+        raise ExternalError(f"{call.argv[0]} did not finish within {call.timeout:g}s") from exc
+    except sh.SignalException as exc:
+        code = int(exc.exit_code)
+
+    result = Result(argv=call.argv, returncode=code, stdout="".join(out), stderr="".join(err))
+    if code not in call.ok_codes:
+        raise _command_error(result)
+    return result
 
 
 class _forwarding_signals:  # noqa: N801 - used as a statement-like context manager

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -31,19 +30,22 @@ def _is_local(address: Any) -> bool:
 
 def _guarded_connect(self: socket.socket, address: Any) -> None:
     if not _is_local(address):
-        raise ConnectionRefusedError(f"test tried to reach {address!r}: tests talk to loopback only")
+        raise ConnectionRefusedError(
+            f"test tried to reach {address!r}: tests talk to loopback only"
+        )
     _real_connect(self, address)
 
 
 def _guarded_connect_ex(self: socket.socket, address: Any) -> int:
     if not _is_local(address):
-        raise ConnectionRefusedError(f"test tried to reach {address!r}: tests talk to loopback only")
+        raise ConnectionRefusedError(
+            f"test tried to reach {address!r}: tests talk to loopback only"
+        )
     return _real_connect_ex(self, address)
 
 
 @pytest.fixture(autouse=True)
-def loopback_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """Refuse in-process connections to anything but loopback."""
     monkeypatch.setattr(socket.socket, "connect", _guarded_connect)
     monkeypatch.setattr(socket.socket, "connect_ex", _guarded_connect_ex)
-    yield

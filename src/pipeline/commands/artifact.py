@@ -14,7 +14,9 @@ def run(rt: Runtime) -> None:
     path: Path | None = rt.options.get("file")
     env = rt.read_build_env(path)
     if rt.options.get("action") == "check":
-        log.info(f"build.env is valid: {env.IMAGE_PUSH_REPOSITORY}:{env.IMAGE_TAG}@{env.IMAGE_DIGEST}")
+        log.info(
+            f"build.env is valid: {env.IMAGE_PUSH_REPOSITORY}:{env.IMAGE_TAG}@{env.IMAGE_DIGEST}"
+        )
         return
     values = env.model_dump()
     if rt.options.get("json"):
