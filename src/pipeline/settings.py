@@ -16,7 +16,14 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import ClassVar, TypeVar
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -267,7 +274,39 @@ class PipelineSettings(Settings):
 class VaultSettings(Settings):
     """Where registry credentials come from: Vault JWT login, or an existing docker config."""
 
+    model_config = SettingsConfigDict(env_prefix="PIPELINE_VAULT_")
     title: ClassVar[str] = "credentials"
+
+    addr: str | None = Field(None, validation_alias="VAULT_ADDR")
+    id_token: SecretStr | None = Field(None, validation_alias="VAULT_ID_TOKEN")
+    legacy_jwt: SecretStr | None = Field(None, validation_alias="CI_JOB_JWT_V2")
+    namespace: str | None = Field(None, validation_alias="VAULT_NAMESPACE")
+    cacert: Path | None = Field(None, validation_alias="VAULT_CACERT")
+    role: str = "nexus-ci"
+    auth_path: str = "jwt"
+    secret_path: str = "secret/data/nexus/svc-orchestrator"  # noqa: S105 - a path, not a secret
+    pull_secret_path: str | None = None
+    username_field: str = "username"
+    password_field: str = "password"  # noqa: S105 - a field name
+    timeout_seconds: float = Field(10.0, gt=0)
+    docker_config: Path | None = Field(None, validation_alias="DOCKER_CONFIG")
+
+    @field_validator("addr")
+    @classmethod
+    def _valid_addr(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"https?://[^/\s]+/?\Z", value):
+            raise ValueError(f"must be http(s)://host[:port] without a path, got {value!r}")
+        return value.rstrip("/") if value else value
+
+    @field_validator("auth_path", "secret_path", "pull_secret_path")
+    @classmethod
+    def _valid_path(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        path = value.strip("/").removeprefix("v1/")
+        if not path or "//" in path or any(c.isspace() for c in path):
+            raise ValueError(f"must be a Vault API path like secret/data/nexus/x, got {value!r}")
+        return path
 
 
 class BuildSettings(Settings):
@@ -289,6 +328,67 @@ class ScanSettings(Settings):
 
     model_config = SettingsConfigDict(env_prefix="PIPELINE_SCAN_")
     title: ClassVar[str] = "scan"
+
+    fail_on: str = "off"
+    severity: str = "UNKNOWN,LOW,MEDIUM,HIGH,CRITICAL"
+    ignore_unfixed: bool = False
+    scanners: str = "vuln"
+    timeout: str = "15m"
+    db_repository: str | None = None
+    java_db_repository: str | None = None
+    skip_db_update: bool = False
+    cache_dir: Path = Path(".trivycache")
+    ignore_file: Path = Path(".trivyignore")
+    json_report: Path = Path("trivy-report.json")
+    gitlab_report: Path = Path("gl-container-scanning-report.json")
+    top_findings: int = Field(10, ge=0, le=1000)
+    insecure: bool = False
+    defectdojo_url: str | None = Field(None, validation_alias="DEFECTDOJO_URL")
+    defectdojo_token: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("DEFECTDOJO_TOKEN", "DEFECTDOJO_API_KEY")
+    )
+    defectdojo_product_type: str = "orchestrator"
+
+    @field_validator("fail_on")
+    @classmethod
+    def _valid_fail_on(cls, value: str) -> str:
+        from pipeline.report import parse_threshold
+
+        return parse_threshold(value) or "off"
+
+    @field_validator("severity", "scanners")
+    @classmethod
+    def _valid_list(cls, value: str, info: ValidationInfo) -> str:
+        from pipeline.tools.trivy import SCANNERS, SEVERITIES
+
+        upper = info.field_name == "severity"
+        allowed = SEVERITIES if upper else SCANNERS
+        items = [item.strip().upper() if upper else item.strip() for item in value.split(",")]
+        unknown = [item for item in items if item not in allowed]
+        if unknown or not any(items):
+            raise ValueError(f"{value!r}: use a comma-separated list of {','.join(allowed)}")
+        return ",".join(dict.fromkeys(items))
+
+    @field_validator("timeout")
+    @classmethod
+    def _valid_timeout(cls, value: str) -> str:
+        from pipeline.tools.trivy import TIMEOUT
+
+        if not TIMEOUT.match(value):
+            raise ValueError(f"must be a Go duration like 15m or 1h30m, got {value!r}")
+        return value
+
+    @field_validator("defectdojo_url")
+    @classmethod
+    def _valid_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"https?://[^/\s]+(/[^\s]*)?\Z", value):
+            raise ValueError(f"must be http(s)://host[:port][/path], got {value!r}")
+        return value.rstrip("/") if value else value
+
+    @property
+    def threshold(self) -> str | None:
+        """The severity that fails the job, or None when the policy is off."""
+        return None if self.fail_on == "off" else self.fail_on
 
 
 class DeploySettings(Settings):

@@ -1,0 +1,252 @@
+"""Registry credentials from Vault: a GitLab ID token -> ``auth/<mount>/login`` -> a KV secret.
+
+Talks to Vault with hvac. A sealed (503), overloaded (429, 5xx) or unreachable
+server is retried with the pipeline's retry policy, then fails with exit 4
+naming ``VAULT_ADDR``. A refusal (bad audience, expired token, unknown role,
+denied or missing path, missing fields) fails at once, also with exit 4 — Vault
+answered and said no, so the fix is in Vault's role, policy or secret, or in
+the job's ``id_tokens`` — with one line naming what to change. Exit 2 is kept
+for what is wrong before Vault is asked (a malformed or half-set variable).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+import hvac
+import hvac.exceptions
+import requests
+
+from pipeline.auth import Credentials
+from pipeline.errors import ExternalError
+from pipeline.log import log
+from pipeline.retry import call_with_retry
+from pipeline.runtime import Runtime
+from pipeline.settings import VaultSettings
+
+T = TypeVar("T")
+_LEGACY_WARNING = (
+    "CI_JOB_JWT_V2 is deprecated and was removed in GitLab 17.0: declare "
+    "id_tokens: VAULT_ID_TOKEN: aud: <audience> in the job instead"
+)
+#: Vault's error text -> what to fix. First match wins; {role}/{mount} filled in.
+_LOGIN_HINTS: tuple[tuple[str, str], ...] = (
+    (
+        "audience claim does not match",
+        "audience mismatch: the job's id_tokens aud must be in the role's bound_audiences",
+    ),
+    (
+        "token is expired",
+        "the ID token has expired: re-run the job (an ID token lives as long as its job)",
+    ),
+    ("not valid yet", "the ID token is not valid yet: check the clocks of GitLab and Vault"),
+    ("could not be found", "no such role: set PIPELINE_VAULT_ROLE to a role of auth/{mount}"),
+    ("issuer", "issuer mismatch: the auth/{mount} config's bound_issuer must be this GitLab's URL"),
+    (
+        "signature",
+        "the signature does not verify: auth/{mount}/config must trust this GitLab's keys (jwks_url)",
+    ),
+    ("bound claim", "the role's bound_claims do not match this job (project, ref or ref_type)"),
+)
+_cache: dict[tuple[str, ...], Credentials] = {}
+
+
+def read_credentials(rt: Runtime, path: str) -> Credentials | None:
+    """Log in with the job's ID token and read ``path``; under dry-run only say so."""
+    settings = rt.settings(VaultSettings)
+    if rt.dry_run:
+        log.info(_plan(settings, path))
+        return None
+    jwt = _jwt(settings)
+    key = (
+        settings.addr or "",
+        settings.namespace or "",
+        settings.auth_path,
+        settings.role,
+        path,
+        jwt,
+    )
+    if key not in _cache:
+        with log.step(f"registry credentials from Vault ({path})"):
+            _cache[key] = _read(rt, settings, path, jwt)
+    return _cache[key]
+
+
+def _plan(settings: VaultSettings, path: str) -> str:
+    namespace = f" (namespace {settings.namespace})" if settings.namespace else ""
+    return (
+        f"would log in to {settings.addr}/v1/auth/{settings.auth_path}/login{namespace} "
+        f"as role {settings.role} and read {path} "
+        f"(fields {settings.username_field}, {settings.password_field})"
+    )
+
+
+def _jwt(settings: VaultSettings) -> str:
+    if settings.id_token is not None:
+        return settings.id_token.get_secret_value()
+    assert settings.legacy_jwt is not None
+    log.warn(_LEGACY_WARNING)
+    return settings.legacy_jwt.get_secret_value()
+
+
+def _read(rt: Runtime, settings: VaultSettings, path: str, jwt: str) -> Credentials:
+    client = hvac.Client(
+        url=settings.addr,
+        namespace=settings.namespace,
+        verify=str(settings.cacert) if settings.cacert else True,
+        timeout=settings.timeout_seconds,
+    )
+    login = _call(
+        rt,
+        settings,
+        lambda: client.auth.jwt.jwt_login(role=settings.role, jwt=jwt, path=settings.auth_path),
+        _login_failure,
+    )
+    log.add_secret(client.token)
+    policies = ", ".join(login.get("auth", {}).get("policies", [])) or "none"
+    response = _call(
+        rt, settings, lambda: client.adapter.get(f"/v1/{path}"), _read_failure(path, policies)
+    )
+    return _credentials(settings, path, _secret_data(path, response))
+
+
+def _call(
+    rt: Runtime,
+    settings: VaultSettings,
+    func: Callable[[], T],
+    refused: Callable[[VaultSettings, hvac.exceptions.VaultError], str],
+) -> T:
+    """Run one Vault request with retries; turn any failure into a one-line ExternalError."""
+    try:
+        return call_with_retry(
+            func, policy=rt.shell.policy, classify=classify, what=f"Vault at {settings.addr}"
+        )
+    except hvac.exceptions.VaultError as exc:
+        if classify(exc) is not None:
+            raise ExternalError(_unavailable(rt, settings, exc)) from None
+        raise ExternalError(refused(settings, exc)) from None
+    except requests.exceptions.SSLError as exc:
+        raise ExternalError(
+            f"VAULT_ADDR={settings.addr}: TLS verification failed ({_first_line(exc)}); "
+            "set VAULT_CACERT to the CA bundle that signed Vault's certificate"
+        ) from None
+    except requests.exceptions.RequestException as exc:
+        raise ExternalError(_unavailable(rt, settings, exc)) from None
+
+
+def classify(error: BaseException) -> str | None:
+    """Transient Vault failures: sealed or down, overloaded, unreachable, slow."""
+    transient: tuple[tuple[type[BaseException], str], ...] = (
+        (hvac.exceptions.VaultDown, "sealed or unavailable (503)"),
+        (hvac.exceptions.BadGateway, "bad gateway (502)"),
+        (hvac.exceptions.InternalServerError, "server error (500)"),
+        (hvac.exceptions.RateLimitExceeded, "rate limited (429)"),
+        (requests.exceptions.SSLError, ""),
+        (requests.exceptions.Timeout, "timeout"),
+        (requests.exceptions.ConnectionError, "unreachable"),
+    )
+    for kind, reason in transient:
+        if isinstance(error, kind):
+            return reason or None
+    return None
+
+
+def _unavailable(rt: Runtime, settings: VaultSettings, exc: BaseException) -> str:
+    reason = classify(exc) or type(exc).__name__
+    attempts = rt.shell.policy.attempts
+    return (
+        f"Vault at VAULT_ADDR={settings.addr} is {reason} after {attempts} attempts: "
+        "check VAULT_ADDR and that Vault is unsealed and reachable from the runner"
+    )
+
+
+def _login_failure(settings: VaultSettings, exc: hvac.exceptions.VaultError) -> str:
+    text = _vault_text(exc)
+    where = f"auth/{settings.auth_path}"
+    if (
+        isinstance(exc, hvac.exceptions.Forbidden | hvac.exceptions.InvalidPath)
+        and "role" not in text
+    ):
+        return (
+            f"Vault has no JWT auth method at {where} ({text}): set PIPELINE_VAULT_AUTH_PATH "
+            "to the mount of the JWT auth method (the path in auth/<mount>/login)"
+        )
+    for needle, hint in _LOGIN_HINTS:
+        if needle in text.lower():
+            what = hint.format(role=settings.role, mount=settings.auth_path)
+            return f"Vault refused the JWT login for role {settings.role} at {where}: {what}"
+    return f"Vault refused the JWT login for role {settings.role} at {where}: {text}"
+
+
+def _read_failure(
+    path: str, policies: str
+) -> Callable[[VaultSettings, hvac.exceptions.VaultError], str]:
+    def explain(settings: VaultSettings, exc: hvac.exceptions.VaultError) -> str:
+        hint = _data_hint(path)
+        if isinstance(exc, hvac.exceptions.InvalidPath):
+            fix = hint or f"check PIPELINE_VAULT_SECRET_PATH (is the secret written at {path}?)"
+            return f"Vault has no secret at {path}: {fix}"
+        if isinstance(exc, hvac.exceptions.Forbidden):
+            fix = hint or f"grant read on {path} to a policy of role {settings.role}"
+            return (
+                f"Vault denied reading {path} to role {settings.role} (policies: {policies}): {fix}"
+            )
+        return f"Vault refused reading {path}: {_vault_text(exc)}"
+
+    return explain
+
+
+def _data_hint(path: str) -> str:
+    """The usual mistake: a KV v2 path without ``data/`` after the mount."""
+    mount, _, rest = path.partition("/")
+    if "/data/" in f"/{path}" or not rest:
+        return ""
+    return f"KV v2 paths need data/: try {mount}/data/{rest} (PIPELINE_VAULT_SECRET_PATH)"
+
+
+def _secret_data(path: str, response: Any) -> Mapping[str, Any]:
+    """The key/value pairs of a KV v2 (``data.data`` + ``data.metadata``) or KV v1 answer."""
+    data = response.get("data") if isinstance(response, Mapping) else None
+    if not isinstance(data, Mapping):
+        raise ExternalError(f"Vault answered {path} without a data object: is it a KV secret?")
+    inner = data.get("data")
+    if "/data/" in f"/{path}" and isinstance(inner, Mapping) and "metadata" in data:
+        return inner
+    if inner is None and "metadata" in data:
+        raise ExternalError(
+            f"Vault secret {path}: its latest version is deleted or destroyed; write it again"
+        )
+    return data
+
+
+def _credentials(settings: VaultSettings, path: str, data: Mapping[str, Any]) -> Credentials:
+    wanted = (settings.username_field, settings.password_field)
+    missing = [name for name in wanted if not isinstance(data.get(name), str) or not data[name]]
+    if missing:
+        variables = {
+            settings.username_field: "PIPELINE_VAULT_USERNAME_FIELD",
+            settings.password_field: "PIPELINE_VAULT_PASSWORD_FIELD",
+        }
+        has = ", ".join(sorted(data)) or "nothing"
+        return _missing_fields(path, missing, has, variables)
+    return Credentials(username=data[wanted[0]], password=data[wanted[1]], source=f"vault {path}")
+
+
+def _missing_fields(
+    path: str, missing: list[str], has: str, variables: Mapping[str, str]
+) -> Credentials:
+    names = " and ".join(repr(name) for name in missing)
+    settings = " / ".join(variables[name] for name in missing)
+    raise ExternalError(
+        f"Vault secret {path} has no {names} field (it has: {has}): add it to the secret or set {settings}"
+    )
+
+
+def _vault_text(exc: hvac.exceptions.VaultError) -> str:
+    errors = [str(error) for error in exc.errors or [] if error]
+    return _first_line("; ".join(errors) or str(exc.args[0] if exc.args else type(exc).__name__))
+
+
+def _first_line(value: object) -> str:
+    return str(value).strip().splitlines()[0] if str(value).strip() else ""
