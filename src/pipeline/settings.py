@@ -298,6 +298,13 @@ class VaultSettings(Settings):
             raise ValueError(f"must be http(s)://host[:port] without a path, got {value!r}")
         return value.rstrip("/") if value else value
 
+    @field_validator("cacert")
+    @classmethod
+    def _readable_cacert(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"must be a CA bundle file (PEM), {str(value)!r} is not a file")
+        return value
+
     @field_validator("auth_path", "secret_path", "pull_secret_path")
     @classmethod
     def _valid_path(cls, value: str | None) -> str | None:

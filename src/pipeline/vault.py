@@ -11,6 +11,7 @@ for what is wrong before Vault is asked (a malformed or half-set variable).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
@@ -50,6 +51,7 @@ _LOGIN_HINTS: tuple[tuple[str, str], ...] = (
     ("bound claim", "the role's bound_claims do not match this job (project, ref or ref_type)"),
 )
 _cache: dict[tuple[str, ...], Credentials] = {}
+_MISSING = (hvac.exceptions.InvalidPath, hvac.exceptions.Forbidden)
 
 
 def read_credentials(rt: Runtime, path: str) -> Credentials | None:
@@ -105,9 +107,8 @@ def _read(rt: Runtime, settings: VaultSettings, path: str, jwt: str) -> Credenti
     )
     log.add_secret(client.token)
     policies = ", ".join(login.get("auth", {}).get("policies", [])) or "none"
-    response = _call(
-        rt, settings, lambda: client.adapter.get(f"/v1/{path}"), _read_failure(path, policies)
-    )
+    explain = _read_failure(client, path, policies)
+    response = _call(rt, settings, lambda: client.adapter.get(f"/v1/{path}"), explain)
     return _credentials(settings, path, _secret_data(path, response))
 
 
@@ -180,12 +181,12 @@ def _login_failure(settings: VaultSettings, exc: hvac.exceptions.VaultError) -> 
 
 
 def _read_failure(
-    path: str, policies: str
+    client: Any, path: str, policies: str
 ) -> Callable[[VaultSettings, hvac.exceptions.VaultError], str]:
     def explain(settings: VaultSettings, exc: hvac.exceptions.VaultError) -> str:
-        hint = _data_hint(path)
+        hint = _kv_hint(client, path) if isinstance(exc, _MISSING) else ""
         if isinstance(exc, hvac.exceptions.InvalidPath):
-            fix = hint or f"check PIPELINE_VAULT_SECRET_PATH (is the secret written at {path}?)"
+            fix = hint or "check PIPELINE_VAULT_SECRET_PATH and that the secret is written there"
             return f"Vault has no secret at {path}: {fix}"
         if isinstance(exc, hvac.exceptions.Forbidden):
             fix = hint or f"grant read on {path} to a policy of role {settings.role}"
@@ -197,12 +198,34 @@ def _read_failure(
     return explain
 
 
-def _data_hint(path: str) -> str:
-    """The usual mistake: a KV v2 path without ``data/`` after the mount."""
-    mount, _, rest = path.partition("/")
-    if "/data/" in f"/{path}" or not rest:
-        return ""
-    return f"KV v2 paths need data/: try {mount}/data/{rest} (PIPELINE_VAULT_SECRET_PATH)"
+def _kv_hint(client: Any, path: str) -> str:
+    """The usual mistake, from the mount's KV version: ``data/`` missing (v2) or extra (v1).
+
+    ``sys/internal/ui/mounts/<path>`` is what the vault CLI asks too; CI tokens can read
+    it for their own paths. Without it, guess from the path alone.
+    """
+    mount, version = _mount(client, path)
+    rest = path.removeprefix(f"{mount}/")
+    if version == "2" and not rest.startswith("data/"):
+        return f"KV v2 paths need data/: try {mount}/data/{rest} (PIPELINE_VAULT_SECRET_PATH)"
+    if version == "1" and rest.startswith("data/"):
+        fixed = rest.removeprefix("data/")
+        return f"{mount} is a KV v1 mount, its paths have no data/: try {mount}/{fixed}"
+    return ""
+
+
+def _mount(client: Any, path: str) -> tuple[str, str]:
+    """(mount path, KV version) of ``path``; a guess (first segment, v2) if Vault won't say."""
+    guess = (path.partition("/")[0], "2" if "/data/" not in f"/{path}" else "")
+    try:
+        answer = client.adapter.get(f"/v1/sys/internal/ui/mounts/{path}")
+    except (hvac.exceptions.VaultError, requests.exceptions.RequestException):
+        return guess
+    data = answer.get("data") if isinstance(answer, Mapping) else None
+    if not isinstance(data, Mapping) or data.get("type") not in ("kv", "generic"):
+        return guess
+    version = str((data.get("options") or {}).get("version") or "1")
+    return str(data.get("path", "")).rstrip("/") or guess[0], version
 
 
 def _secret_data(path: str, response: Any) -> Mapping[str, Any]:
@@ -244,8 +267,11 @@ def _missing_fields(
 
 
 def _vault_text(exc: hvac.exceptions.VaultError) -> str:
-    errors = [str(error) for error in exc.errors or [] if error]
-    return _first_line("; ".join(errors) or str(exc.args[0] if exc.args else type(exc).__name__))
+    """Vault's error list as one line (it wraps errors in "1 error occurred: * ...")."""
+    errors = " ".join(str(error) for error in exc.errors or [] if error)
+    text = errors or str(exc.args[0] if exc.args else type(exc).__name__)
+    text = re.sub(r"\d+ errors? occurred:|^\s*\*\s*", " ", text, flags=re.M)
+    return " ".join(text.split()) or type(exc).__name__
 
 
 def _first_line(value: object) -> str:
