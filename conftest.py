@@ -2,6 +2,8 @@
 
 pytest_plugins = [
     "tests.infra.guard",
+    "tests.infra.registry",
+    "tests.infra.faultproxy",
     "tests.infra.vault",
     "tests.infra.devserver",
 ]
