@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import SettingsError
+from pipeline.errors import SettingsError, UsageError
 from pipeline.log import log
 from pipeline.runtime import Runtime
 from pipeline.settings import RegistrySettings, VaultSettings
@@ -232,20 +232,27 @@ class WrittenConfig:
                 self.directory.rmdir()
 
 
-def write_docker_config(rt: Runtime) -> WrittenConfig:
-    """Merge ``auths`` for both registries into ``DOCKER_CONFIG/config.json`` (0600)."""
+def write_docker_config(rt: Runtime, *, required: bool = False) -> WrittenConfig:
+    """Merge ``auths`` for both registries into ``DOCKER_CONFIG/config.json`` (0600).
+
+    Without credentials nothing is written: a warning, or exit 2 when ``required``.
+    """
     directory, planned = _target_directory(rt)
     credentials = registry_credentials(rt)
     if rt.dry_run:
         _print_plan(rt, directory, credentials, planned=planned)
         return WrittenConfig(directory=directory)
-    written = _prepare(directory, planned=planned)
     entries = _new_entries(rt, credentials)
     if not entries:
-        log.warn(_no_credentials_message(rt))
-        return written
-    _merge_into(written, entries)
-    log.info(f"wrote registry auths for {', '.join(entries)} to {written.path}")
+        if required:
+            raise UsageError(_no_credentials_message(rt))
+        log.warn(f"{_no_credentials_message(rt)}; registry calls go anonymous")
+    written = _prepare(directory, planned=planned)
+    if entries:
+        _merge_into(written, entries)
+        assert credentials is not None
+        log.info(f"registry credentials: {credentials.source} (user {credentials.username})")
+        log.info(f"auths for {', '.join(entries)} in {written.path}")
     return written
 
 
@@ -326,7 +333,7 @@ def _no_credentials_message(rt: Runtime) -> str:
     return (
         "no registry credentials: set NEXUS_USER/NEXUS_PASSWORD, or VAULT_ADDR with "
         f"VAULT_ID_TOKEN, or docker login to {' and '.join(_registries(rt))} "
-        f"(looked in {where or 'no docker config: HOME is not set'}); registry calls go anonymous"
+        f"(looked in {where or 'no docker config: HOME is not set'})"
     )
 
 

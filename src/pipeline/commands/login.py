@@ -16,14 +16,10 @@ from pipeline.settings import Settings, VaultSettings
 SETTINGS: tuple[type[Settings], ...] = (VaultSettings,)
 
 
-def run(rt: Runtime) -> int:
+def run(rt: Runtime) -> None:
     """Write ``config.json`` with auths for both registries; print where it is."""
-    written = write_docker_config(rt)
+    written = write_docker_config(rt, required=True)
     if rt.dry_run:
-        return 0
-    if not written.wrote and not written.path.exists():
-        written.undo()
-        return 1
-    log.info(f"docker config: {written.path} (mode 0600); use it with:")
+        return
+    log.info(f"kept {written.path} (mode 0600); point docker, skopeo and Kaniko at it with:")
     log.data(f"export DOCKER_CONFIG={shlex.quote(str(written.directory))}")
-    return 0
