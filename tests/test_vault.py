@@ -1,0 +1,269 @@
+"""Registry credentials from a real Vault-compatible server (OpenBao), through the CLI.
+
+Each test runs ``python -m pipeline login --execute`` as a job would, then checks
+the exit code, the one error line, the config.json written, and that no secret
+(password, ID token, auth string) appears in any output or any other file.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+from collections.abc import Iterable
+from pathlib import Path
+
+import pytest
+
+from pipeline.auth import pull_credentials
+from tests.clirun import base_env, error_lines, run_cli
+from tests.infra.ports import free_port
+from tests.infra.vault import Vault
+from tests.test_auth import PULL, PUSH, runtime
+
+pytestmark = pytest.mark.vault
+
+FAST_RETRIES = {
+    "PIPELINE_RETRY_ATTEMPTS": "3",
+    "PIPELINE_RETRY_INITIAL_SECONDS": "0",
+    "PIPELINE_RETRY_MAX_SECONDS": "0.05",
+}
+
+
+def job_env(vault: Vault, tmp_path: Path, **extra: str) -> dict[str, str]:
+    """A CI job's environment: Vault address, a fresh ID token, both registries."""
+    job = {
+        "VAULT_ADDR": vault.addr,
+        "VAULT_ID_TOKEN": vault.sign_id_token(),
+        "NEXUS_REGISTRY": PUSH,
+        "NEXUS_REGISTRY_PULL": PULL,
+        "DOCKER_CONFIG": str(tmp_path / "docker"),
+        "HOME": str(tmp_path / "home"),
+    }
+    return base_env(**{**job, **extra})
+
+
+def login(env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    return run_cli(["login", "--execute"], env=env, cwd=tmp_path)
+
+
+def assert_no_secrets(
+    result: subprocess.CompletedProcess[str], tmp_path: Path, secrets: Iterable[str]
+) -> None:
+    """No secret in stdout/stderr, nor in any file under tmp_path but config.json."""
+    files = [p for p in tmp_path.rglob("*") if p.is_file() and p.name != "config.json"]
+    for secret in secrets:
+        assert secret not in result.stdout
+        assert secret not in result.stderr
+        for path in files:
+            assert secret.encode() not in path.read_bytes(), path
+
+
+def vault_secrets(vault: Vault, env: dict[str, str]) -> list[str]:
+    account = f"{vault.username}:{vault.password}"
+    tokens = [env[k] for k in ("VAULT_ID_TOKEN", "CI_JOB_JWT_V2") if k in env]
+    return [vault.password, base64.b64encode(account.encode()).decode(), *tokens]
+
+
+def refused(vault: Vault, tmp_path: Path, **extra: str) -> str:
+    """Log in expecting exit 4 with exactly one error line; return it."""
+    env = job_env(vault, tmp_path, **extra)
+    result = login(env, tmp_path)
+    assert result.returncode == 4, result.stderr
+    assert_no_secrets(result, tmp_path, vault_secrets(vault, env))
+    assert not (tmp_path / "docker").exists()
+    (line,) = error_lines(result.stderr)
+    return line.removeprefix("pipeline: error: ")
+
+
+def test_id_token_login_reads_kv2_account_into_config(vault: Vault, tmp_path: Path) -> None:
+    env = job_env(vault, tmp_path)
+
+    result = login(env, tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    config = json.loads((tmp_path / "docker" / "config.json").read_text())
+    expected = base64.b64encode(f"{vault.username}:{vault.password}".encode()).decode()
+    assert config == {"auths": {PUSH: {"auth": expected}, PULL: {"auth": expected}}}
+    assert f"registry credentials: vault {vault.kv2_path} (user {vault.username})" in result.stderr
+    assert result.stdout == f"export DOCKER_CONFIG={tmp_path / 'docker'}\n"
+    assert_no_secrets(result, tmp_path, vault_secrets(vault, env))
+
+
+def test_legacy_jwt_reads_kv1_mount_with_a_warning(vault: Vault, tmp_path: Path) -> None:
+    env = job_env(
+        vault,
+        tmp_path,
+        CI_JOB_JWT_V2=vault.sign_id_token(),
+        PIPELINE_VAULT_ROLE=vault.legacy_role,
+        PIPELINE_VAULT_SECRET_PATH=vault.kv1_path,
+    )
+    del env["VAULT_ID_TOKEN"]
+
+    result = login(env, tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    assert "pipeline: warning: CI_JOB_JWT_V2 is deprecated" in result.stderr
+    auths = json.loads((tmp_path / "docker" / "config.json").read_text())["auths"]
+    assert base64.b64decode(auths[PUSH]["auth"]).decode() == f"{vault.username}:{vault.password}"
+    assert_no_secrets(result, tmp_path, vault_secrets(vault, env))
+
+
+def test_wrong_audience_names_bound_audiences(vault: Vault, tmp_path: Path) -> None:
+    token = vault.sign_id_token(aud="https://gitlab.other.test")
+
+    line = refused(vault, tmp_path, VAULT_ID_TOKEN=token)
+
+    assert line == (
+        "Vault refused the JWT login for role nexus-ci at auth/jwt: audience mismatch: "
+        "the job's id_tokens aud must be in the role's bound_audiences"
+    )
+
+
+def test_expired_token_says_to_rerun(vault: Vault, tmp_path: Path) -> None:
+    line = refused(vault, tmp_path, VAULT_ID_TOKEN=vault.sign_id_token(exp_in=-600))
+
+    assert line.startswith("Vault refused the JWT login for role nexus-ci at auth/jwt: ")
+    assert line.endswith(
+        "the ID token has expired: re-run the job (an ID token lives as long as its job)"
+    )
+
+
+def test_unknown_role_names_the_setting(vault: Vault, tmp_path: Path) -> None:
+    line = refused(vault, tmp_path, PIPELINE_VAULT_ROLE="nexus-cj")
+
+    assert line == (
+        "Vault refused the JWT login for role nexus-cj at auth/jwt: "
+        "no such role: set PIPELINE_VAULT_ROLE to a role of auth/jwt"
+    )
+
+
+def test_unknown_auth_mount_names_the_setting(vault: Vault, tmp_path: Path) -> None:
+    line = refused(vault, tmp_path, PIPELINE_VAULT_AUTH_PATH="gitlab")
+
+    assert line.startswith("Vault has no JWT auth method at auth/gitlab (permission denied): ")
+    assert "set PIPELINE_VAULT_AUTH_PATH" in line
+
+
+def test_garbage_token_is_refused_at_once(vault: Vault, tmp_path: Path) -> None:
+    line = refused(vault, tmp_path, VAULT_ID_TOKEN="not-a-jwt", **FAST_RETRIES)
+
+    assert line.startswith("Vault refused the JWT login for role nexus-ci at auth/jwt: ")
+
+
+def test_kv2_path_without_data_says_where_data_goes(vault: Vault, tmp_path: Path) -> None:
+    line = refused(vault, tmp_path, PIPELINE_VAULT_SECRET_PATH="secret/nexus/svc-orchestrator")
+
+    assert line == (
+        "Vault denied reading secret/nexus/svc-orchestrator to role nexus-ci "
+        "(policies: default, nexus-read): KV v2 paths need data/: "
+        "try secret/data/nexus/svc-orchestrator (PIPELINE_VAULT_SECRET_PATH)"
+    )
+
+
+def test_kv1_path_with_data_says_to_drop_it(vault: Vault, tmp_path: Path) -> None:
+    line = refused(vault, tmp_path, PIPELINE_VAULT_SECRET_PATH="kv1/data/nexus/svc-orchestrator")
+
+    assert line.endswith(
+        "kv1 is a KV v1 mount, its paths have no data/: try kv1/nexus/svc-orchestrator"
+    )
+
+
+def test_path_outside_the_policy_says_what_to_grant(vault: Vault, tmp_path: Path) -> None:
+    line = refused(vault, tmp_path, PIPELINE_VAULT_SECRET_PATH=vault.forbidden_path)
+
+    assert line == (
+        f"Vault denied reading {vault.forbidden_path} to role nexus-ci "
+        f"(policies: default, nexus-read): grant read on {vault.forbidden_path} "
+        "to a policy of role nexus-ci"
+    )
+
+
+def test_missing_password_field_lists_what_is_there(vault: Vault, tmp_path: Path) -> None:
+    line = refused(vault, tmp_path, PIPELINE_VAULT_SECRET_PATH=vault.incomplete_path)
+
+    assert line == (
+        f"Vault secret {vault.incomplete_path} has no 'password' field (it has: username): "
+        "add it to the secret or set PIPELINE_VAULT_PASSWORD_FIELD"
+    )
+
+
+def test_renamed_fields_are_configurable(vault: Vault, tmp_path: Path) -> None:
+    line = refused(
+        vault, tmp_path, PIPELINE_VAULT_USERNAME_FIELD="user", PIPELINE_VAULT_PASSWORD_FIELD="pw"
+    )
+
+    assert line == (
+        f"Vault secret {vault.kv2_path} has no 'user' and 'pw' field (it has: password, username): "
+        "add it to the secret or set PIPELINE_VAULT_USERNAME_FIELD / PIPELINE_VAULT_PASSWORD_FIELD"
+    )
+
+
+def test_sealed_vault_is_retried_then_exit_4(fresh_vault: Vault, tmp_path: Path) -> None:
+    env = job_env(fresh_vault, tmp_path, **FAST_RETRIES)
+    fresh_vault.seal()
+
+    result = login(env, tmp_path)
+
+    assert result.returncode == 4, result.stderr
+    assert "failed (sealed or unavailable (503)); retry 3/3" in result.stderr
+    assert error_lines(result.stderr) == [
+        f"pipeline: error: Vault at VAULT_ADDR={fresh_vault.addr} is sealed or unavailable (503) "
+        "after 3 attempts: check VAULT_ADDR and that Vault is unsealed and reachable from the runner"
+    ]
+    assert_no_secrets(result, tmp_path, vault_secrets(fresh_vault, env))
+
+
+def test_unreachable_vault_is_retried_then_exit_4(vault: Vault, tmp_path: Path) -> None:
+    addr = f"http://127.0.0.1:{free_port()}"
+    env = job_env(vault, tmp_path, VAULT_ADDR=addr, **FAST_RETRIES)
+
+    result = login(env, tmp_path)
+
+    assert result.returncode == 4, result.stderr
+    assert "failed (unreachable); retry 2/3" in result.stderr
+    assert error_lines(result.stderr) == [
+        f"pipeline: error: Vault at VAULT_ADDR={addr} is unreachable after 3 attempts: "
+        "check VAULT_ADDR and that Vault is unsealed and reachable from the runner"
+    ]
+
+
+def test_bad_vault_settings_exit_2_before_any_contact(vault: Vault, tmp_path: Path) -> None:
+    env = job_env(
+        vault,
+        tmp_path,
+        VAULT_ADDR=f"{vault.addr}/v1",
+        VAULT_CACERT=str(tmp_path / "missing-ca.pem"),
+        PIPELINE_VAULT_SECRET_PATH="secret//x",
+    )
+
+    result = login(env, tmp_path)
+
+    assert result.returncode == 2
+    assert error_lines(result.stderr) == [
+        f"pipeline: error: VAULT_ADDR: must be http(s)://host[:port] without a path, got '{vault.addr}/v1'",
+        f"pipeline: error: VAULT_CACERT: must be a CA bundle file (PEM), '{tmp_path / 'missing-ca.pem'}' is not a file",
+        "pipeline: error: PIPELINE_VAULT_SECRET_PATH: must be a Vault API path like secret/data/nexus/x, got 'secret//x'",
+    ]
+
+
+def test_dry_run_does_not_log_in(fresh_vault: Vault, tmp_path: Path) -> None:
+    env = job_env(fresh_vault, tmp_path)
+    fresh_vault.seal()  # a contact attempt would fail
+
+    result = run_cli(["login", "--dry-run"], env=env, cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    assert f"would log in to {fresh_vault.addr}/v1/auth/jwt/login as role nexus-ci" in result.stderr
+    assert f"to {tmp_path / 'docker'}/config.json, mode 0600" in result.stderr
+    assert not (tmp_path / "docker").exists()
+
+
+def test_pull_credentials_read_their_own_path(vault: Vault, tmp_path: Path) -> None:
+    env = job_env(vault, tmp_path, PIPELINE_VAULT_PULL_SECRET_PATH=vault.kv1_path)
+
+    credentials = pull_credentials(runtime(tmp_path, env))
+
+    assert credentials is not None
+    assert credentials.source == f"vault {vault.kv1_path}"
+    assert (credentials.username, credentials.password) == (vault.username, vault.password)
