@@ -322,6 +322,66 @@ class BuildSettings(Settings):
     model_config = SettingsConfigDict(env_prefix="PIPELINE_BUILD_")
     title: ClassVar[str] = "build"
 
+    executor: str | None = None
+    context: Path = Path()
+    dockerfile: Path = Path("Dockerfile")
+    args: str | None = None
+    target: str | None = None
+    cache: bool = True
+    cache_repo: str | None = None
+    push_retry: int = Field(3, ge=0, le=10)
+    image_download_retry: int = Field(3, ge=0, le=10)
+    image_fs_extract_retry: int = Field(2, ge=0, le=10)
+    extra_flags: str | None = None
+
+    @field_validator("args")
+    @classmethod
+    def _valid_args(cls, value: str | None) -> str | None:
+        from pipeline.tools.kaniko import parse_build_args
+
+        if value is not None:
+            parse_build_args(value)
+        return value
+
+    @field_validator("extra_flags")
+    @classmethod
+    def _valid_flags(cls, value: str | None) -> str | None:
+        from pipeline.tools.kaniko import parse_extra_flags
+
+        if value is not None:
+            parse_extra_flags(value)
+        return value
+
+    @field_validator("cache_repo")
+    @classmethod
+    def _valid_cache_repo(cls, value: str | None) -> str | None:
+        if value is not None and not IMAGE_NAME.match(value):
+            raise ValueError(
+                "must be a repository name in the push registry like "
+                f"orchestrator-server/cache, without a host, got {value!r}"
+            )
+        return value
+
+    @field_validator("target")
+    @classmethod
+    def _valid_target(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z", value):
+            raise ValueError(f"must be a stage name from a FROM ... AS <name> line, got {value!r}")
+        return value
+
+    @property
+    def build_args(self) -> tuple[str, ...]:
+        from pipeline.tools.kaniko import parse_build_args
+
+        return parse_build_args(self.args) if self.args else ()
+
+    @property
+    def flags(self) -> tuple[str, ...]:
+        """``PIPELINE_BUILD_EXTRA_FLAGS`` as checked ``--flag=value`` items."""
+        from pipeline.tools.kaniko import parse_extra_flags
+
+        return parse_extra_flags(self.extra_flags) if self.extra_flags else ()
+
 
 class PushSettings(Settings):
     """The push stage: promotion of moving tags."""
