@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import signal
+import ssl
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from pipeline.auth import pull_credentials
 from tests.clirun import base_env, error_lines, run_cli
-from tests.infra.ports import free_port
+from tests.infra.ports import free_port, wait_http
 from tests.infra.vault import Vault
 from tests.test_auth import PULL, PUSH, runtime
 
@@ -267,3 +271,107 @@ def test_pull_credentials_read_their_own_path(vault: Vault, tmp_path: Path) -> N
     assert credentials is not None
     assert credentials.source == f"vault {vault.kv1_path}"
     assert (credentials.username, credentials.password) == (vault.username, vault.password)
+
+
+# --- VAULT_CACERT and VAULT_NAMESPACE ------------------------------------------------
+
+
+@pytest.fixture
+def tls_vault(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """(address, CA file) of an OpenBao dev server on HTTPS with its own generated CA."""
+    port, certs = free_port(), tmp_path / "tls"
+    certs.mkdir()
+    argv = ["bao", "server", "-dev", "-dev-tls", f"-dev-tls-cert-dir={certs}"]
+    argv.append(f"-dev-listen-address=127.0.0.1:{port}")
+    with (tmp_path / "bao-tls.log").open("wb") as out:
+        process = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        # The CA exists only once the server runs: wait without verifying, then use it.
+        unverified = ssl.create_default_context()
+        unverified.check_hostname = False
+        unverified.verify_mode = ssl.CERT_NONE
+        wait_http(
+            f"https://127.0.0.1:{port}/v1/sys/health", ssl_context=unverified, process=process
+        )
+        yield f"https://127.0.0.1:{port}", certs / "vault-ca.pem"
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=10)
+
+
+def test_vault_cacert_is_honoured(tls_vault: tuple[str, Path], tmp_path: Path) -> None:
+    addr, ca = tls_vault
+    env = base_env(
+        VAULT_ADDR=addr,
+        VAULT_ID_TOKEN="a.b.c",
+        NEXUS_REGISTRY=PUSH,
+        NEXUS_REGISTRY_PULL=PULL,
+        DOCKER_CONFIG=str(tmp_path / "docker"),
+        **FAST_RETRIES,
+    )
+
+    untrusted = login(env, tmp_path)
+    trusted = login({**env, "VAULT_CACERT": str(ca)}, tmp_path)
+
+    assert untrusted.returncode == 4
+    (line,) = error_lines(untrusted.stderr)
+    assert line.startswith(f"pipeline: error: VAULT_ADDR={addr}: TLS verification failed (")
+    assert line.endswith("set VAULT_CACERT to the CA bundle that signed Vault's certificate")
+    assert "retry" not in untrusted.stderr
+    # Past TLS: this server has no JWT auth method, and says so.
+    assert trusted.returncode == 4
+    assert error_lines(trusted.stderr)[0].startswith(
+        "pipeline: error: Vault has no JWT auth method at auth/jwt"
+    )
+
+
+@pytest.fixture
+def namespaced(fresh_vault: Vault) -> Vault:
+    """``fresh_vault`` plus namespace ``team`` with its own JWT role and KV v2 secret."""
+    public = serialization.load_pem_private_key(fresh_vault.private_key_pem, None).public_key()
+    pem = public.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()
+    role = {"role_type": "jwt", "bound_audiences": [fresh_vault.audience], "user_claim": "sub"}
+    steps: list[tuple[str, str, object]] = [
+        ("POST", "sys/namespaces/team", None),
+        ("POST", "team/sys/auth/jwt", {"type": "jwt"}),
+        ("POST", "team/auth/jwt/config", {"jwt_validation_pubkeys": [pem]}),
+        ("PUT", "team/sys/policies/acl/team-read", {"policy": TEAM_POLICY}),
+        ("POST", "team/auth/jwt/role/team-ci", {**role, "token_policies": ["team-read"]}),
+        ("POST", "team/sys/mounts/kv", {"type": "kv", "options": {"version": "2"}}),
+        (
+            "POST",
+            "team/kv/data/nexus/svc-team",
+            {"data": {"username": "team", "password": TEAM_PW}},
+        ),
+    ]
+    for method, path, body in steps:
+        response = fresh_vault.api(method, path, token=fresh_vault.root_token, body=body)
+        assert response.status in (200, 204), (path, response)
+    return fresh_vault
+
+
+TEAM_PW = "team-pw-7c1e0b"
+TEAM_POLICY = 'path "kv/data/nexus/svc-team" { capabilities = ["read"] }'
+
+
+def test_vault_namespace_is_honoured(namespaced: Vault, tmp_path: Path) -> None:
+    env = job_env(
+        namespaced,
+        tmp_path,
+        PIPELINE_VAULT_ROLE="team-ci",
+        PIPELINE_VAULT_SECRET_PATH="kv/data/nexus/svc-team",
+    )
+
+    outside = login(env, tmp_path)
+    inside = login({**env, "VAULT_NAMESPACE": "team"}, tmp_path)
+
+    assert outside.returncode == 4
+    assert "no such role: set PIPELINE_VAULT_ROLE" in error_lines(outside.stderr)[0]
+    assert inside.returncode == 0, inside.stderr
+    auths = json.loads((tmp_path / "docker" / "config.json").read_text())["auths"]
+    assert base64.b64decode(auths[PULL]["auth"]).decode() == f"team:{TEAM_PW}"
+    assert_no_secrets(inside, tmp_path, [TEAM_PW, env["VAULT_ID_TOKEN"]])

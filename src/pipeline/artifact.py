@@ -157,16 +157,13 @@ def parse(text: str, *, source: str) -> dict[str, str]:
     values: dict[str, str] = {}
     for number, line in enumerate(lines, start=1):
         where = f"{source} line {number}"
-        if "=" not in line:
-            what = "is blank" if not line.strip() else "has no '='"
+        if not line.strip() or line.lstrip().startswith("#") or "=" not in line:
             raise ArtifactError(
-                f"{where} {what}: GitLab rejects the whole file (KEY=value lines only)"
+                f"{where} {_bad_line(line)}: GitLab rejects the whole file (KEY=value lines only)"
             )
         key, value = (part.strip() for part in line.split("=", 1))
-        if line.lstrip().startswith("#") or not KEY.match(key):
-            raise ArtifactError(
-                f"{where}: {key!r} is not a valid key (comments are not allowed; keys are A-Z a-z 0-9 _)"
-            )
+        if not KEY.match(key):
+            raise ArtifactError(f"{where}: {key!r} is not a valid key (A-Z a-z 0-9 _ only)")
         if key in values:
             raise ArtifactError(
                 f"{where}: {key} appears twice (GitLab would keep the last one silently)"
@@ -175,6 +172,14 @@ def parse(text: str, *, source: str) -> dict[str, str]:
         values[key] = value
     _check_size(len(values), len(text.encode()), source=source)
     return values
+
+
+def _bad_line(line: str) -> str:
+    if not line.strip():
+        return "is blank"
+    if line.lstrip().startswith("#"):
+        return "is a comment"
+    return "has no '='"
 
 
 def read(path: Path | None, environ: Mapping[str, str]) -> BuildEnv:

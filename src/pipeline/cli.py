@@ -151,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
         "file", nargs="?", type=Path, help="the build.env to read (default: PIPELINE_BUILD_ENV)"
     )
     artifact.add_argument("--json", action="store_true", help="print JSON (show)")
+    parsers["trivy-image-scan"].add_argument(
+        "--from-json",
+        type=Path,
+        metavar="FILE",
+        help="do not run Trivy: report on this Trivy JSON file instead",
+    )
     parsers["deploy-dev"].add_argument(
         "--image-tag",
         metavar="TAG",

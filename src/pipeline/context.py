@@ -10,6 +10,7 @@ directory name).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from pipeline.errors import UsageError
@@ -134,19 +135,25 @@ class _Git:
         )
         return result.stdout.strip() if result.returncode == 0 else None
 
+    @cached_property
+    def _head(self) -> tuple[str, str, str] | None:
+        """(toplevel, commit, symbolic ref or HEAD when detached) in one git call."""
+        answer = self._query("rev-parse", "--show-toplevel", "HEAD", "--symbolic-full-name", "HEAD")
+        lines = (answer or "").splitlines()
+        return (lines[0], lines[1], lines[2]) if len(lines) == 3 else None
+
     def head(self) -> str:
-        sha = self._query("rev-parse", "--verify", "-q", "HEAD")
-        if not sha:
+        if self._head is None:
             raise UsageError(
                 f"{self.cwd} is not a git checkout with a commit: run inside one, or set "
                 "CI_COMMIT_SHA and CI_COMMIT_BRANCH (or CI_COMMIT_TAG)"
             )
-        return sha
+        return self._head[1]
 
     def ref_at_head(self) -> tuple[str, bool]:
-        branch = self._query("symbolic-ref", "-q", "--short", "HEAD")
-        if branch:
-            return branch, False
+        symbolic = self._head[2] if self._head else "HEAD"
+        if symbolic.startswith("refs/heads/"):
+            return symbolic.removeprefix("refs/heads/"), False
         tags = (self._query("tag", "--points-at", "HEAD") or "").split()
         if tags:
             return max(tags, key=_release_first), True
@@ -162,8 +169,7 @@ class _Git:
         return DEFAULT_BRANCH_FALLBACK
 
     def toplevel(self) -> Path | None:
-        top = self._query("rev-parse", "--show-toplevel")
-        return Path(top) if top else None
+        return Path(self._head[0]) if self._head else None
 
     def project_name(self) -> str | None:
         url = self._query("remote", "get-url", "origin")

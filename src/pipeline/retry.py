@@ -99,9 +99,8 @@ def call_with_retry(
     retrying = tenacity.Retrying(
         stop=tenacity.stop_after_attempt(policy.attempts)
         | tenacity.stop_after_delay(policy.budget_seconds),
-        wait=tenacity.wait_exponential_jitter(
-            initial=policy.initial_seconds, max=policy.max_seconds
-        ),
+        wait=tenacity.wait_exponential(multiplier=policy.initial_seconds, max=policy.max_seconds)
+        + tenacity.wait_random(0, policy.initial_seconds),
         retry=tenacity.retry_if_exception(transient),
         before_sleep=before_sleep,
         reraise=True,

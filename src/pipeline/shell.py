@@ -126,26 +126,37 @@ class _Invocation:
     stream: bool
 
 
-def _run_once(call: _Invocation) -> Result:
-    out: list[str] = []
-    err: list[str] = []
+_Relay = Callable[[str], None] | None
+
+
+def _capture(stream: bool, out: list[str], err: list[str]) -> tuple[_Relay, _Relay]:
+    """Line callbacks that relay output live; none for a quiet command (sh is faster without)."""
+    if not stream:
+        return None, None
 
     def relay(into: list[str]) -> Callable[[str], None]:
         def callback(line: str) -> None:
             into.append(line)
-            if call.stream:
-                log.info(line.rstrip("\n"))
+            log.info(line.rstrip("\n"))
 
         return callback
 
+    return relay(out), relay(err)
+
+
+def _run_once(call: _Invocation) -> Result:
+    out: list[str] = []
+    err: list[str] = []
+
+    relay_out, relay_err = _capture(call.stream, out, err)
     try:
         running = sh.Command(call.program)(
             *call.argv[1:],
             _env=dict(call.env),
             _in=call.stdin,
             _cwd=str(call.cwd) if call.cwd else None,
-            _out=relay(out),
-            _err=relay(err),
+            _out=relay_out,
+            _err=relay_err,
             _bg=True,
             _bg_exc=False,
             _tty_out=False,
@@ -162,6 +173,9 @@ def _run_once(call: _Invocation) -> Result:
     except sh.SignalException as exc:
         code = int(exc.exit_code)
 
+    if not call.stream:
+        out.append(running.stdout.decode("utf-8", "replace"))
+        err.append(running.stderr.decode("utf-8", "replace"))
     result = Result(argv=call.argv, returncode=code, stdout="".join(out), stderr="".join(err))
     if code not in call.ok_codes:
         raise _command_error(result)
