@@ -157,12 +157,6 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="do not run Trivy: report on this Trivy JSON file instead",
     )
-    parsers["trivy-image-scan"].add_argument(
-        "--from-json",
-        type=Path,
-        metavar="FILE",
-        help="do not run Trivy: report on this Trivy JSON file instead",
-    )
     parsers["deploy-dev"].add_argument(
         "--image-tag",
         metavar="TAG",
