@@ -7,10 +7,12 @@ Docker-compatible socket) and a `docker compose` CLI plugin that runs Debian's
 docker-compose 1.29 (Compose v1). reference/container-engine.md explains the
 engine settings.
 
-The engine takes a few seconds to start and is shared by the session. Each test
-gets its own sshd (so `handshakes()` counts only that test's logins), its own
-deploy directory, and no containers left over from earlier tests. Tests that use
-it must not run in parallel: they share one engine and the host network.
+The engine (one podman store, so pulled images stay cached) is shared by the
+session and restarted only when a test asks for a registry it was not started
+with. Each test gets its own sshd (so `handshakes()` counts only that test's
+logins), its own deploy directory, and no containers left over from earlier
+tests. Tests that use it must not run in parallel: they share one engine and the
+host network.
 """
 
 from __future__ import annotations
