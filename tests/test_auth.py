@@ -134,7 +134,7 @@ def test_credential_helper_logins_are_explained(
     path.write_text(json.dumps({"auths": {PUSH: {}}, "credsStore": "desktop"}))
 
     assert registry_credentials(runtime(tmp_path)) is None
-    assert f"{PUSH} use a credential helper" in capsys.readouterr().err
+    assert f"the login for {PUSH} has no user:password" in capsys.readouterr().err
 
 
 def test_unreadable_docker_config_names_the_file(tmp_path: Path) -> None:

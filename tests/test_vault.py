@@ -16,8 +16,10 @@ import subprocess
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from pipeline.auth import pull_credentials
 from tests.clirun import base_env, error_lines, run_cli
@@ -152,7 +154,23 @@ def test_unknown_auth_mount_names_the_setting(vault: Vault, tmp_path: Path) -> N
 def test_garbage_token_is_refused_at_once(vault: Vault, tmp_path: Path) -> None:
     line = refused(vault, tmp_path, VAULT_ID_TOKEN="not-a-jwt", **FAST_RETRIES)
 
-    assert line.startswith("Vault refused the JWT login for role nexus-ci at auth/jwt: ")
+    assert line == (
+        "Vault refused the JWT login for role nexus-ci at auth/jwt: "
+        "the ID token is not a JWT: the variable must hold the job's id_tokens value"
+    )
+
+
+def test_token_from_another_issuer_key_names_the_trust_config(vault: Vault, tmp_path: Path) -> None:
+    stranger = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    claims = jwt.decode(vault.sign_id_token(), options={"verify_signature": False})
+    forged = jwt.encode(claims, stranger, algorithm="RS256")
+
+    line = refused(vault, tmp_path, VAULT_ID_TOKEN=forged)
+
+    assert line == (
+        "Vault refused the JWT login for role nexus-ci at auth/jwt: the signature does not "
+        "verify: auth/jwt/config must trust this GitLab's keys (jwks_url)"
+    )
 
 
 def test_kv2_path_without_data_says_where_data_goes(vault: Vault, tmp_path: Path) -> None:
@@ -213,7 +231,7 @@ def test_sealed_vault_is_retried_then_exit_4(fresh_vault: Vault, tmp_path: Path)
     assert "failed (sealed or unavailable (503)); retry 3/3" in result.stderr
     assert error_lines(result.stderr) == [
         f"pipeline: error: Vault at VAULT_ADDR={fresh_vault.addr} is sealed or unavailable (503) "
-        "after 3 attempts: check VAULT_ADDR and that Vault is unsealed and reachable from the runner"
+        "(Vault is sealed) after 3 attempts: check VAULT_ADDR and that Vault is unsealed and reachable from the runner"
     ]
     assert_no_secrets(result, tmp_path, vault_secrets(fresh_vault, env))
 

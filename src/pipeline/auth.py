@@ -66,7 +66,7 @@ def pull_credentials(rt: Runtime) -> Credentials | None:
     ``PIPELINE_VAULT_PULL_SECRET_PATH`` is set, otherwise :func:`registry_credentials`.
     """
     settings = rt.settings(VaultSettings)
-    if settings.pull_secret_path and _uses_vault(rt):
+    if settings.pull_secret_path and _vault_configured(settings):
         return _from_vault(rt, settings.pull_secret_path)
     return _resolve(rt, prefer=_registries(rt)[1])
 
@@ -104,13 +104,16 @@ def _from_env(rt: Runtime) -> Credentials | None:
     return Credentials(username=registry.user, password=password, source=ENV_SOURCE)
 
 
+def _vault_configured(settings: VaultSettings) -> bool:
+    return bool(settings.addr and (settings.id_token or settings.legacy_jwt))
+
+
 def _uses_vault(rt: Runtime) -> bool:
     """Whether Vault is the source: VAULT_ADDR and an ID token; half of it is an error in CI."""
     settings = rt.settings(VaultSettings)
-    has_jwt = bool(settings.id_token or settings.legacy_jwt)
-    if settings.addr and has_jwt:
+    if _vault_configured(settings):
         return True
-    if has_jwt:
+    if settings.id_token or settings.legacy_jwt:
         raise SettingsError(["VAULT_ADDR: not set, but the job has an ID token; set VAULT_ADDR"])
     if settings.addr and rt.environ.get("GITLAB_CI"):
         raise SettingsError(
@@ -188,9 +191,9 @@ def _explain_helpers(
     missing = [host for host in _registries(rt) if host in entries and host not in found]
     if missing:
         log.warn(
-            f"docker config {path}: {', '.join(missing)} use a credential helper "
-            "(credsStore/credHelpers), which this pipeline cannot read; "
-            "set NEXUS_USER/NEXUS_PASSWORD instead"
+            f"docker config {path}: the login for {', '.join(missing)} has no user:password "
+            "(a credential helper or an identity token holds it), which this pipeline "
+            "cannot pass to Kaniko; set NEXUS_USER/NEXUS_PASSWORD instead"
         )
 
 

@@ -43,6 +43,10 @@ _LOGIN_HINTS: tuple[tuple[str, str], ...] = (
     ),
     ("not valid yet", "the ID token is not valid yet: check the clocks of GitLab and Vault"),
     ("could not be found", "no such role: set PIPELINE_VAULT_ROLE to a role of auth/{mount}"),
+    (
+        "compact jws format",
+        "the ID token is not a JWT: the variable must hold the job's id_tokens value",
+    ),
     ("issuer", "issuer mismatch: the auth/{mount} config's bound_issuer must be this GitLab's URL"),
     (
         "signature",
@@ -155,9 +159,11 @@ def classify(error: BaseException) -> str | None:
 
 def _unavailable(rt: Runtime, settings: VaultSettings, exc: BaseException) -> str:
     reason = classify(exc) or type(exc).__name__
-    attempts = rt.shell.policy.attempts
+    said = _vault_text(exc) if isinstance(exc, hvac.exceptions.VaultError) else ""
+    detail = f" ({said})" if said and said != type(exc).__name__ else ""
     return (
-        f"Vault at VAULT_ADDR={settings.addr} is {reason} after {attempts} attempts: "
+        f"Vault at VAULT_ADDR={settings.addr} is {reason}{detail} after "
+        f"{rt.shell.policy.attempts} attempts: "
         "check VAULT_ADDR and that Vault is unsealed and reachable from the runner"
     )
 
