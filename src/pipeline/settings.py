@@ -458,8 +458,149 @@ class ScanSettings(Settings):
         return None if self.fail_on == "off" else self.fail_on
 
 
+_SERVICE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
+_REMOTE_PATH = re.compile(r"/[A-Za-z0-9_.@%+=:,/-]{0,255}\Z")
+_RELATIVE_FILE = re.compile(r"[A-Za-z0-9_.@%+=:,-][A-Za-z0-9_.@%+=:,/-]{0,254}\Z")
+_COMPOSE_WORD = re.compile(r"[A-Za-z0-9_./-]+\Z")
+_PRIVATE_KEY = re.compile(
+    r"-----BEGIN (OPENSSH|RSA|EC|DSA) PRIVATE KEY-----\n.+\n-----END \1 PRIVATE KEY-----\n?\Z",
+    re.DOTALL,
+)
+
+
 class DeploySettings(Settings):
     """The deploy-dev stage: SSH target, compose project, health check."""
 
     model_config = SettingsConfigDict(env_prefix="PIPELINE_DEPLOY_")
     title: ClassVar[str] = "deploy"
+
+    server_ip: str | None = Field(None, validation_alias="DEV_SERVER_IP")
+    server_host: str | None = Field(None, validation_alias="DEV_SERVER_HOST")
+    ssh_user: str | None = Field(None, validation_alias="SSH_USER")
+    ssh_private_key: SecretStr | None = Field(None, validation_alias="SSH_PRIVATE_KEY")
+    ssh_known_hosts: str | None = Field(None, validation_alias="SSH_KNOWN_HOSTS")
+    ssh_port: int = Field(22, ge=1, le=65535, validation_alias="SSH_PORT")
+    deploy_only: bool = Field(False, validation_alias="DEPLOY_ONLY")
+    dir: str | None = None
+    compose_file: str | None = None
+    compose_command: str = "docker compose"
+    services: str = ""
+    worker_services: str = ""
+    health_url: str | None = None
+    health_from: str = "server"
+    health_tries: int = Field(30, ge=1, le=1000)
+    health_interval: float = Field(5.0, gt=0, le=600)
+    health_timeout: float = Field(5.0, gt=0, le=600)
+    env_tag_var: str = "IMAGE_TAG"
+    env_digest_var: str = "IMAGE_DIGEST"
+    env_ref_var: str = "IMAGE_REF"
+    rollback_file: str = ".env.rollback"
+    trust_on_first_use: bool = False
+    lock_stale_seconds: int = Field(900, ge=1)
+    lock_wait_seconds: int = Field(600, ge=0)
+    connect_timeout: int = Field(15, ge=1, le=600)
+    #: ``false``: resolve ``--image-tag`` over plain http or without verifying TLS.
+    registry_tls_verify: bool = Field(True, validation_alias="PIPELINE_REGISTRY_TLS_VERIFY")
+
+    @field_validator("server_ip", "server_host")
+    @classmethod
+    def _valid_server(cls, value: str | None) -> str | None:
+        if value is not None and (not HOST_PORT.match(value) or ":" in value):
+            raise ValueError(
+                f"must be a host name or IPv4 address (port goes in SSH_PORT), got {value!r}"
+            )
+        return value
+
+    @field_validator("ssh_user")
+    @classmethod
+    def _valid_user(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"[a-z_][a-z0-9_.-]{0,31}\Z", value):
+            raise ValueError(f"must be a Unix user name like deployer, got {value!r}")
+        return value
+
+    @field_validator("ssh_private_key")
+    @classmethod
+    def _valid_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return value
+        text = value.get_secret_value().replace("\r\n", "\n").strip() + "\n"
+        if text.startswith("-----BEGIN") and not _PRIVATE_KEY.match(text):
+            raise ValueError(
+                "is not a PEM/OpenSSH private key (-----BEGIN ... PRIVATE KEY----- to -----END ...-----); "
+                "paste the whole key file, or make the variable a GitLab File variable"
+            )
+        return SecretStr(text) if text.startswith("-----BEGIN") else value
+
+    @field_validator("dir")
+    @classmethod
+    def _valid_dir(cls, value: str | None) -> str | None:
+        if value is not None and (not _REMOTE_PATH.match(value) or "/../" in f"{value}/"):
+            raise ValueError(
+                f"must be an absolute path of letters, digits and _.@%+=:,/- , got {value!r}"
+            )
+        return value.rstrip("/") or "/" if value else value
+
+    @field_validator("compose_file", "rollback_file")
+    @classmethod
+    def _valid_file(cls, value: str | None) -> str | None:
+        if value is not None and (not _RELATIVE_FILE.match(value) or ".." in value.split("/")):
+            raise ValueError(f"must be a file name inside PIPELINE_DEPLOY_DIR, got {value!r}")
+        return value
+
+    @field_validator("compose_command")
+    @classmethod
+    def _valid_compose(cls, value: str) -> str:
+        words = value.split()
+        if not words or not all(_COMPOSE_WORD.match(word) for word in words):
+            raise ValueError(
+                f"must be a command like 'docker compose' or 'docker-compose', got {value!r}"
+            )
+        return " ".join(words)
+
+    @field_validator("services", "worker_services")
+    @classmethod
+    def _valid_services(cls, value: str) -> str:
+        names = [name.strip() for name in value.split(",") if name.strip()]
+        for name in names:
+            if not _SERVICE.match(name):
+                raise ValueError(f"{name!r} is not a compose service name (letters, digits, _.-)")
+        return ",".join(names)
+
+    @field_validator("health_url")
+    @classmethod
+    def _valid_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(
+            r"https?://[A-Za-z0-9.\[\]:-]+(/[A-Za-z0-9_.~%/?=&+:@,-]*)?\Z", value
+        ):
+            raise ValueError(
+                f"must be an http(s)://host[:port]/path URL without spaces or quotes, got {value!r}"
+            )
+        return value
+
+    @field_validator("health_from")
+    @classmethod
+    def _valid_from(cls, value: str) -> str:
+        if value not in ("runner", "server"):
+            raise ValueError(f"must be 'runner' or 'server', got {value!r}")
+        return value
+
+    @field_validator("env_tag_var", "env_digest_var", "env_ref_var")
+    @classmethod
+    def _valid_env_name(cls, value: str) -> str:
+        if not _ENV_NAME.match(value):
+            raise ValueError(f"must be a variable name (letters, digits, _), got {value!r}")
+        return value
+
+    @property
+    def service_names(self) -> tuple[str, ...]:
+        return tuple(filter(None, self.services.split(",")))
+
+    @property
+    def worker_names(self) -> tuple[str, ...]:
+        return tuple(filter(None, self.worker_services.split(",")))
+
+    @property
+    def server(self) -> str | None:
+        """``DEV_SERVER_IP``, else ``DEV_SERVER_HOST``."""
+        return self.server_ip or self.server_host
