@@ -291,8 +291,12 @@ def test_dry_run_does_not_contact_vault(tmp_path: Path, capsys: pytest.CaptureFi
     )
 
     with docker_config(rt):
-        pass
+        credentials = registry_credentials(rt)
 
+    assert credentials is not None
+    assert credentials.placeholder
+    assert credentials.username == "<username from vault>"
+    assert credentials.source == "vault secret/data/nexus/svc-orchestrator"
     err = capsys.readouterr().err
     assert "would log in to http://127.0.0.1:9/v1/auth/jwt/login as role nexus-ci" in err
     assert "(vault secret/data/nexus/svc-orchestrator)" in err

@@ -36,11 +36,15 @@ ENV_SOURCE = "NEXUS_USER/NEXUS_PASSWORD"
 
 @dataclass(frozen=True, kw_only=True)
 class Credentials:
-    """A registry account; the password is registered as a secret on creation."""
+    """A registry account; the password is registered as a secret on creation.
+
+    ``placeholder`` marks the stand-in a dry-run gets instead of reading Vault.
+    """
 
     username: str
     password: str = field(repr=False)
     source: str
+    placeholder: bool = False
 
     def __post_init__(self) -> None:
         log.add_secret(self.password)
@@ -55,8 +59,8 @@ class Credentials:
 def registry_credentials(rt: Runtime) -> Credentials | None:
     """Credentials for the push and pull registries from the first source that has them.
 
-    Under dry-run Vault is not contacted: the login it would do is printed and
-    the result is None.
+    Under dry-run Vault is not contacted: the login it would do is printed and the
+    result is a placeholder (``placeholder=True``).
     """
     return _resolve(rt, prefer=_registries(rt)[0])
 
@@ -126,7 +130,7 @@ def _uses_vault(rt: Runtime) -> bool:
     return False
 
 
-def _from_vault(rt: Runtime, path: str) -> Credentials | None:
+def _from_vault(rt: Runtime, path: str) -> Credentials:
     from pipeline import vault
 
     return vault.read_credentials(rt, path)
@@ -320,15 +324,13 @@ def _print_plan(
     rt: Runtime, directory: Path, credentials: Credentials | None, *, planned: bool
 ) -> None:
     where = f"a private temporary directory ({directory})" if planned else str(directory)
-    source = credentials.source if credentials else _planned_source(rt)
+    if credentials is None:
+        log.info(f"would write no {CONFIG_NAME}: {_no_credentials_message(rt)}")
+        return
     hosts = " and ".join(_registries(rt))
-    log.info(f"would write auths for {hosts} ({source}) to {where}/{CONFIG_NAME}, mode 0600")
-
-
-def _planned_source(rt: Runtime) -> str:
-    if _uses_vault(rt):
-        return f"vault {rt.settings(VaultSettings).secret_path}"
-    return "no credentials found"
+    log.info(
+        f"would write auths for {hosts} ({credentials.source}) to {where}/{CONFIG_NAME}, mode 0600"
+    )
 
 
 def _no_credentials_message(rt: Runtime) -> str:

@@ -58,12 +58,21 @@ _cache: dict[tuple[str, ...], Credentials] = {}
 _MISSING = (hvac.exceptions.InvalidPath, hvac.exceptions.Forbidden)
 
 
-def read_credentials(rt: Runtime, path: str) -> Credentials | None:
-    """Log in with the job's ID token and read ``path``; under dry-run only say so."""
+def read_credentials(rt: Runtime, path: str) -> Credentials:
+    """Log in with the job's ID token and read ``path``.
+
+    Under dry-run Vault is not contacted: the login is printed and the result is a
+    placeholder (``placeholder=True``) so that callers print the commands they would run.
+    """
     settings = rt.settings(VaultSettings)
     if rt.dry_run:
         log.info(_plan(settings, path))
-        return None
+        return Credentials(
+            username=f"<{settings.username_field} from vault>",
+            password=f"<{settings.password_field} from vault>",
+            source=f"vault {path}",
+            placeholder=True,
+        )
     jwt = _jwt(settings)
     key = (
         settings.addr or "",
