@@ -158,8 +158,29 @@ def test_vault_address_without_id_token_in_ci_is_a_settings_error(tmp_path: Path
 
 
 def test_id_token_without_vault_address_is_a_settings_error(tmp_path: Path) -> None:
-    with pytest.raises(SettingsError, match=r"^VAULT_ADDR: not set"):
+    with pytest.raises(SettingsError, match=r"^VAULT_ADDR: not set, but VAULT_ID_TOKEN is"):
         registry_credentials(runtime(tmp_path, {"VAULT_ID_TOKEN": "a.b.c"}))
+
+
+def test_legacy_jwt_alone_does_not_select_vault(tmp_path: Path) -> None:
+    # GitLab before 17.0 sets CI_JOB_JWT_V2 in every job, Vault or not.
+    docker_login(tmp_path / "home", {PUSH: ("dev", "pw")})
+    rt = runtime(tmp_path, {"GITLAB_CI": "true", "CI_JOB_JWT_V2": "a.b.c"})
+
+    credentials = registry_credentials(rt)
+
+    assert credentials is not None
+    assert credentials.source.startswith("docker config ")
+
+
+def test_vault_address_without_id_token_outside_ci_falls_through(tmp_path: Path) -> None:
+    docker_login(tmp_path / "home", {PUSH: ("dev", "pw")})
+    rt = runtime(tmp_path, {"GITLAB_CI": "false", "VAULT_ADDR": "http://127.0.0.1:9"})
+
+    credentials = registry_credentials(rt)
+
+    assert credentials is not None
+    assert credentials.source.startswith("docker config ")
 
 
 def test_config_has_both_registries_private_and_is_removed(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 from pipeline.errors import SettingsError, UsageError
 from pipeline.log import log
 from pipeline.runtime import Runtime
-from pipeline.settings import RegistrySettings, VaultSettings
+from pipeline.settings import GitLabSettings, RegistrySettings, VaultSettings
 
 #: The runner image's DOCKER_CONFIG: Kaniko reads ``config.json`` from here.
 KANIKO_DOCKER_DIR = Path("/kaniko/.docker")
@@ -117,9 +117,10 @@ def _uses_vault(rt: Runtime) -> bool:
     settings = rt.settings(VaultSettings)
     if _vault_configured(settings):
         return True
-    if settings.id_token or settings.legacy_jwt:
-        raise SettingsError(["VAULT_ADDR: not set, but the job has an ID token; set VAULT_ADDR"])
-    if settings.addr and rt.environ.get("GITLAB_CI"):
+    # CI_JOB_JWT_V2 alone says nothing: GitLab before 17.0 gives it to every job.
+    if settings.id_token:
+        raise SettingsError(["VAULT_ADDR: not set, but VAULT_ID_TOKEN is; set VAULT_ADDR"])
+    if settings.addr and rt.settings(GitLabSettings).gitlab_ci:
         raise SettingsError(
             [
                 "VAULT_ID_TOKEN: not set, but VAULT_ADDR is; declare it in the job "
