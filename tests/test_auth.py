@@ -322,3 +322,21 @@ def test_dry_run_does_not_contact_vault(tmp_path: Path, capsys: pytest.CaptureFi
     assert "would log in to http://127.0.0.1:9/v1/auth/jwt/login as role nexus-ci" in err
     assert "(vault secret/data/nexus/svc-orchestrator)" in err
     assert "a private temporary directory" in err
+
+
+def test_merging_under_a_credential_helper_warns(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = tmp_path / "dockercfg"
+    target.mkdir()
+    (target / "config.json").write_text(json.dumps({"auths": {}, "credsStore": "desktop"}))
+
+    with docker_config(runtime(tmp_path, env_account(DOCKER_CONFIG=str(target)))):
+        pass
+
+    err = capsys.readouterr().err
+    assert "names a credential helper (credsStore/credHelpers) that tools ask before" in err
+    assert json.loads((target / "config.json").read_text()) == {
+        "auths": {},
+        "credsStore": "desktop",
+    }

@@ -18,7 +18,7 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,7 +149,7 @@ def user_config_path(rt: Runtime) -> Path | None:
     return Path(home) / ".docker" / CONFIG_NAME if home else None
 
 
-def _docker_logins(rt: Runtime) -> dict[str, Credentials]:
+def _docker_logins(rt: Runtime, *, explain: bool = True) -> dict[str, Credentials]:
     """Registry host:port -> the credentials the user's docker login stored for it."""
     path = user_config_path(rt)
     if path is None or not path.is_file():
@@ -161,7 +161,8 @@ def _docker_logins(rt: Runtime) -> dict[str, Credentials]:
         credentials = _decode_entry(entry, f"docker config {path}") if entry else None
         if credentials is not None:
             found[host] = credentials
-    _explain_helpers(rt, path, entries, found)
+    if explain:
+        _explain_helpers(rt, path, entries, found)
     return found
 
 
@@ -290,7 +291,7 @@ def _new_entries(rt: Runtime, credentials: Credentials | None) -> dict[str, dict
         return {}
     if not credentials.source.startswith("docker config"):
         return {host: {"auth": credentials.auth} for host in _registries(rt)}
-    logins = _docker_logins(rt)
+    logins = _docker_logins(rt, explain=False)
     return {host: {"auth": login.auth} for host, login in logins.items()}
 
 
@@ -300,6 +301,7 @@ def _merge_into(written: WrittenConfig, entries: Mapping[str, dict[str, str]]) -
         written.previous = written.path.read_bytes()
         written.previous_mode = written.path.stat().st_mode & 0o777
         config = _read_config(written.path)
+    _warn_helpers_win(written.path, config, entries)
     auths = config.setdefault("auths", {})
     if all(auths.get(host) == entry for host, entry in entries.items()):
         written.previous = None
@@ -307,6 +309,18 @@ def _merge_into(written: WrittenConfig, entries: Mapping[str, dict[str, str]]) -
     auths.update(entries)
     _atomic_write(written.path, json.dumps(config, indent=2).encode() + b"\n", 0o600)
     written.wrote = True
+
+
+def _warn_helpers_win(path: Path, config: Mapping[str, Any], hosts: Iterable[str]) -> None:
+    """docker, skopeo and Kaniko ask a credential helper before reading ``auths``."""
+    found = config.get("credHelpers")
+    helpers: Mapping[str, Any] = found if isinstance(found, Mapping) else {}
+    shadowed = [h for h in hosts if config.get("credsStore") or h in helpers]
+    if shadowed:
+        log.warn(
+            f"{path} names a credential helper (credsStore/credHelpers) that tools ask before "
+            f"these auths for {', '.join(shadowed)}; point DOCKER_CONFIG at another directory"
+        )
 
 
 def _atomic_write(path: Path, data: bytes, mode: int) -> None:
