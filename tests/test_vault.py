@@ -319,7 +319,9 @@ def tls_vault(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         process.wait(timeout=10)
 
 
-def test_vault_cacert_is_honoured(tls_vault: tuple[str, Path], tmp_path: Path) -> None:
+def test_vault_cacert_and_system_bundle_are_honoured(
+    tls_vault: tuple[str, Path], tmp_path: Path
+) -> None:
     addr, ca = tls_vault
     env = base_env(
         VAULT_ADDR=addr,
@@ -332,17 +334,19 @@ def test_vault_cacert_is_honoured(tls_vault: tuple[str, Path], tmp_path: Path) -
 
     untrusted = login(env, tmp_path)
     trusted = login({**env, "VAULT_CACERT": str(ca)}, tmp_path)
+    system = login({**env, "SSL_CERT_FILE": str(ca)}, tmp_path)
 
     assert untrusted.returncode == 4
     (line,) = error_lines(untrusted.stderr)
     assert line.startswith(f"pipeline: error: VAULT_ADDR={addr}: TLS verification failed (")
     assert line.endswith("set VAULT_CACERT to the CA bundle that signed Vault's certificate")
     assert "retry" not in untrusted.stderr
-    # Past TLS: this server has no JWT auth method, and says so.
-    assert trusted.returncode == 4
-    assert error_lines(trusted.stderr)[0].startswith(
-        "pipeline: error: Vault has no JWT auth method at auth/jwt"
-    )
+    # Past TLS (VAULT_CACERT, or the system's bundle): no JWT auth method here, and it says so.
+    for past_tls in (trusted, system):
+        assert past_tls.returncode == 4
+        assert error_lines(past_tls.stderr)[0].startswith(
+            "pipeline: error: Vault has no JWT auth method at auth/jwt"
+        )
 
 
 @pytest.fixture

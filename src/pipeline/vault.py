@@ -12,7 +12,9 @@ for what is wrong before Vault is asked (a malformed or half-set variable).
 from __future__ import annotations
 
 import re
+import ssl
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
 import hvac
@@ -109,7 +111,7 @@ def _read(rt: Runtime, settings: VaultSettings, path: str, jwt: str) -> Credenti
     client = hvac.Client(
         url=settings.addr,
         namespace=settings.namespace,
-        verify=str(settings.cacert) if settings.cacert else True,
+        verify=_trust(rt, settings),
         timeout=settings.timeout_seconds,
     )
     login = _call(
@@ -123,6 +125,24 @@ def _read(rt: Runtime, settings: VaultSettings, path: str, jwt: str) -> Credenti
     explain = _read_failure(client, path, policies)
     response = _call(rt, settings, lambda: client.adapter.get(f"/v1/{path}"), explain)
     return _credentials(settings, path, _secret_data(path, response))
+
+
+def _trust(rt: Runtime, settings: VaultSettings) -> str | bool:
+    """The CA bundle to verify Vault with: VAULT_CACERT, else the system's, as the vault CLI.
+
+    requests on its own trusts only certifi's bundle, which lacks a company CA that the
+    runner image (SSL_CERT_DIR) or the host has installed.
+    """
+    if settings.cacert is not None:
+        return str(settings.cacert)
+    cert_dir = rt.environ.get("SSL_CERT_DIR", "")
+    candidates = (
+        rt.environ.get("REQUESTS_CA_BUNDLE"),
+        rt.environ.get("SSL_CERT_FILE"),
+        str(Path(cert_dir, "ca-certificates.crt")) if cert_dir else None,
+        ssl.get_default_verify_paths().cafile,
+    )
+    return next((c for c in candidates if c and Path(c).is_file()), True)
 
 
 def _call(
