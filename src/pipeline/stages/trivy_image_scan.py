@@ -17,26 +17,22 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Mapping
 from pathlib import Path
 
-from pipeline import defectdojo, report
+from pipeline import auth, defectdojo, report
 from pipeline.artifact import BuildEnv
-from pipeline.errors import ArtifactError, ExternalError, PolicyError, UsageError
+from pipeline.errors import ArtifactError, CommandError, ExternalError, PolicyError, UsageError
 from pipeline.log import log
 from pipeline.retry import classify_text
 from pipeline.runtime import Runtime
-from pipeline.settings import RegistrySettings, ScanSettings, Settings
+from pipeline.settings import RegistrySettings, ScanSettings, Settings, VaultSettings
 from pipeline.tools import trivy
 
-SETTINGS: tuple[type[Settings], ...] = (ScanSettings,)
+SETTINGS: tuple[type[Settings], ...] = (ScanSettings, VaultSettings)
 
-_IMAGE_MISSING = re.compile(
-    r"MANIFEST_UNKNOWN|manifest unknown|NAME_UNKNOWN|unable to find the specified image"
-    r"|could not find|not found",
-    re.IGNORECASE,
-)
-_DB_TRANSIENT = re.compile(r"TOOMANYREQUESTS|\b429\b|db download error|failed to download", re.I)
+_IMAGE_UNREADABLE = re.compile(r"unable to find the specified image", re.IGNORECASE)
+_MISSING = re.compile(r"MANIFEST_UNKNOWN|manifest unknown|NAME_UNKNOWN|\b404\b", re.IGNORECASE)
+_RATE_LIMITED = re.compile(r"TOOMANYREQUESTS|\b429\b|too many requests", re.IGNORECASE)
 
 
 def run(rt: Runtime) -> None:
@@ -90,45 +86,50 @@ def _scan(rt: Runtime, settings: ScanSettings, build: BuildEnv, output: Path) ->
         output.parent.mkdir(parents=True, exist_ok=True)
         output.unlink(missing_ok=True)  # never parse a report left by an earlier run
         scan.cache_dir.mkdir(parents=True, exist_ok=True)
-    with log.step(f"trivy image {build.pull_ref}"):
-        rt.shell.run(
-            trivy.image_argv(scan),
-            env=_trivy_env(rt),
-            classify=classify_scan_error,
-            what="trivy image",
-        )
+    with log.step("trivy image scan"), auth.docker_config(rt) as docker_config:
+        try:
+            rt.shell.run(
+                trivy.image_argv(scan),
+                env=_trivy_env(rt, docker_config),
+                classify=classify_scan_error,
+                what="trivy image",
+            )
+        except CommandError as exc:
+            if image_missing(exc.stderr_tail):
+                raise ExternalError(
+                    f"{build.pull_ref} is not in the pull registry (manifest unknown): "
+                    "check IMAGE_DIGEST in build.env and that the build pushed it"
+                ) from None
+            raise
 
 
 def classify_scan_error(error: BaseException) -> str | None:
-    """Retry DB download refusals, registry 5xx and timeouts; a missing image is final."""
+    """Retry rate limits (DB downloads), registry 5xx and timeouts; a missing image is final."""
     text = getattr(error, "stderr_tail", "") or str(error)
-    if _IMAGE_MISSING.search(text) and not _DB_TRANSIENT.search(text):
+    if image_missing(text):
         return None
-    return classify_text(text) or ("DB download failed" if _DB_TRANSIENT.search(text) else None)
+    if _RATE_LIMITED.search(text):
+        return "rate limited (429)"
+    return classify_text(text)
 
 
-def _trivy_env(rt: Runtime) -> dict[str, str]:
+def image_missing(text: str) -> bool:
+    """Whether Trivy's error says the image itself is not in the registry."""
+    return bool(_IMAGE_UNREADABLE.search(text) and _MISSING.search(text))
+
+
+def _trivy_env(rt: Runtime, docker_config: Path) -> dict[str, str]:
     """Credentials and CA for Trivy, as variables: nothing secret goes in its argv."""
     registry = rt.settings(RegistrySettings)
-    env = {"TRIVY_SKIP_VERSION_CHECK": "true", "TRIVY_DISABLE_TELEMETRY": "true"}
-    env.update(_registry_credentials(registry))
+    env = {
+        "TRIVY_SKIP_VERSION_CHECK": "true",
+        "TRIVY_DISABLE_TELEMETRY": "true",
+        "DOCKER_CONFIG": str(docker_config),
+    }
     if registry.ca_file is not None:
+        # Go adds SSL_CERT_FILE to the roots it trusts (the system directory stays).
         env["SSL_CERT_FILE"] = str(_path(rt, registry.ca_file))
     return env
-
-
-def _registry_credentials(registry: RegistrySettings) -> Mapping[str, str]:
-    """``TRIVY_USERNAME``/``TRIVY_PASSWORD`` from ``NEXUS_USER``/``NEXUS_PASSWORD``.
-
-    Without them Trivy reads ``DOCKER_CONFIG`` (the runner's config.json), which
-    the job environment passes through unchanged.
-    """
-    if registry.user and registry.password is not None:
-        return {
-            "TRIVY_USERNAME": registry.user,
-            "TRIVY_PASSWORD": registry.password.get_secret_value(),
-        }
-    return {}
 
 
 def _checked_ignorefile(rt: Runtime, settings: ScanSettings) -> Path | None:
