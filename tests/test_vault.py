@@ -338,8 +338,11 @@ def test_vault_cacert_and_system_bundle_are_honoured(
 
     assert untrusted.returncode == 4
     (line,) = error_lines(untrusted.stderr)
-    assert line.startswith(f"pipeline: error: VAULT_ADDR={addr}: TLS verification failed (")
-    assert line.endswith("set VAULT_CACERT to the CA bundle that signed Vault's certificate")
+    assert line == (
+        f"pipeline: error: VAULT_ADDR={addr}: TLS verification failed (certificate verify "
+        "failed: unable to get local issuer certificate); set VAULT_CACERT to the CA bundle "
+        "that signed Vault's certificate"
+    )
     assert "retry" not in untrusted.stderr
     # Past TLS (VAULT_CACERT, or the system's bundle): no JWT auth method here, and it says so.
     for past_tls in (trusted, system):

@@ -389,6 +389,18 @@ class PushSettings(Settings):
     model_config = SettingsConfigDict(env_prefix="PIPELINE_PUSH_")
     title: ClassVar[str] = "push"
 
+    #: How long to wait for the pull registry to serve the new digest (0: check once).
+    pull_wait_seconds: float = Field(120.0, ge=0)
+    pull_wait_interval_seconds: float = Field(2.0, gt=0)
+    #: Move a moving tag even onto an older commit (a deliberate roll back of ``latest``).
+    force: bool = False
+    #: Commits ``git fetch --deepen`` adds before falling back to ``--unshallow``.
+    git_deepen: int = Field(200, ge=1)
+    git_remote: str = "origin"
+    command_timeout_seconds: float = Field(300.0, gt=0)
+    #: ``false`` talks to the registries without verifying TLS, or over plain http.
+    tls_verify: bool = Field(True, validation_alias="PIPELINE_REGISTRY_TLS_VERIFY")
+
 
 class ScanSettings(Settings):
     """The trivy-image-scan stage: Trivy, reports, policy, DefectDojo."""

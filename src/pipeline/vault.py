@@ -162,7 +162,7 @@ def _call(
         raise ExternalError(refused(settings, exc)) from None
     except requests.exceptions.SSLError as exc:
         raise ExternalError(
-            f"VAULT_ADDR={settings.addr}: TLS verification failed ({_first_line(exc)}); "
+            f"VAULT_ADDR={settings.addr}: TLS verification failed ({_tls_reason(exc)}); "
             "set VAULT_CACERT to the CA bundle that signed Vault's certificate"
         ) from None
     except requests.exceptions.RequestException as exc:
@@ -307,6 +307,12 @@ def _vault_text(exc: hvac.exceptions.VaultError) -> str:
     text = errors or str(exc.args[0] if exc.args else type(exc).__name__)
     text = re.sub(r"\d+ errors? occurred:|^\s*\*\s*", " ", text, flags=re.M)
     return " ".join(text.split()) or type(exc).__name__
+
+
+def _tls_reason(exc: BaseException) -> str:
+    """``certificate verify failed: ...`` out of urllib3's nested repr."""
+    found = re.search(r"\] ([^'\"]+?)(?: \(_ssl\.c:\d+\))?['\"]", str(exc))
+    return found.group(1) if found else _first_line(exc)
 
 
 def _first_line(value: object) -> str:
