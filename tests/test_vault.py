@@ -96,6 +96,19 @@ def test_id_token_login_reads_kv2_account_into_config(vault: Vault, tmp_path: Pa
     assert_no_secrets(result, tmp_path, vault_secrets(vault, env))
 
 
+def test_login_token_is_revoked_after_reading(fresh_vault: Vault, tmp_path: Path) -> None:
+    def tokens() -> int:
+        listed = fresh_vault.api("LIST", "auth/token/accessors", token=fresh_vault.root_token)
+        return len(listed.body["data"]["keys"])
+
+    before = tokens()
+    ok = login(job_env(fresh_vault, tmp_path), tmp_path)
+    denied = login(job_env(fresh_vault, tmp_path, PIPELINE_VAULT_SECRET_PATH="secret/x"), tmp_path)
+
+    assert (ok.returncode, denied.returncode) == (0, 4)
+    assert tokens() == before
+
+
 def test_legacy_jwt_reads_kv1_mount_with_a_warning(vault: Vault, tmp_path: Path) -> None:
     env = job_env(
         vault,

@@ -123,8 +123,19 @@ def _read(rt: Runtime, settings: VaultSettings, path: str, jwt: str) -> Credenti
     log.add_secret(client.token)
     policies = ", ".join(login.get("auth", {}).get("policies", [])) or "none"
     explain = _read_failure(client, path, policies)
-    response = _call(rt, settings, lambda: client.adapter.get(f"/v1/{path}"), explain)
+    try:
+        response = _call(rt, settings, lambda: client.adapter.get(f"/v1/{path}"), explain)
+    finally:
+        _revoke(client)
     return _credentials(settings, path, _secret_data(path, response))
+
+
+def _revoke(client: Any) -> None:
+    """Revoke the login token at once rather than leave it valid for its TTL (best effort)."""
+    try:
+        client.auth.token.revoke_self()
+    except (hvac.exceptions.VaultError, requests.exceptions.RequestException) as exc:
+        log.info(f"could not revoke the Vault token (it expires with its TTL): {_first_line(exc)}")
 
 
 def _trust(rt: Runtime, settings: VaultSettings) -> str | bool:
