@@ -492,8 +492,6 @@ def build_and_push(options: Options, inputs: Inputs) -> None:
     if len(digests) > 1:
         raise KanikoExitError(f"stand-in: destinations got different digests {sorted(digests)}")
     write_outputs(options, inputs.destinations, digests.pop() if digests else "")
-    if wipe := os.environ.get("STANDIN_WIPE"):
-        shutil.rmtree(wipe, ignore_errors=True)
 
 
 def main(argv: Sequence[str]) -> int:
@@ -524,6 +522,8 @@ def main(argv: Sequence[str]) -> int:
     except KanikoExitError as exc:
         print(exc, flush=True)
         return exc.code
+    if wipe := os.environ.get("STANDIN_WIPE"):
+        shutil.rmtree(wipe, ignore_errors=True)
     return 0
 
 
