@@ -69,25 +69,22 @@ def read_credentials(rt: Runtime, path: str) -> Credentials:
     settings = rt.settings(VaultSettings)
     if rt.dry_run:
         log.info(_plan(settings, path))
-        return Credentials(
-            username=f"<{settings.username_field} from vault>",
-            password=f"<{settings.password_field} from vault>",
-            source=f"vault {path}",
-            placeholder=True,
-        )
+        return _placeholder(settings, path)
     jwt = _jwt(settings)
-    key = (
-        settings.addr or "",
-        settings.namespace or "",
-        settings.auth_path,
-        settings.role,
-        path,
-        jwt,
-    )
-    if key not in _cache:
+    key = (settings.addr or "", settings.namespace or "", settings.auth_path, settings.role, path)
+    if (*key, jwt) not in _cache:
         with log.step(f"registry credentials from Vault ({path})"):
-            _cache[key] = _read(rt, settings, path, jwt)
-    return _cache[key]
+            _cache[(*key, jwt)] = _read(rt, settings, path, jwt)
+    return _cache[(*key, jwt)]
+
+
+def _placeholder(settings: VaultSettings, path: str) -> Credentials:
+    return Credentials(
+        username=f"<{settings.username_field} from vault>",
+        password=f"<{settings.password_field} from vault>",
+        source=f"vault {path}",
+        placeholder=True,
+    )
 
 
 def _plan(settings: VaultSettings, path: str) -> str:
