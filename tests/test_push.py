@@ -405,6 +405,25 @@ def test_an_unknown_commit_falls_back_after_trying_to_fetch_it(
     assert manifest_digest(registry_pair.push, job.repo, "latest") == ours.digest
 
 
+def test_diverged_histories_fall_back_to_creation_time(
+    job: Job, registry_pair: RegistryPair
+) -> None:
+    base, ours_commit = commits(job.project)
+    git(job.project, "switch", "-q", "-c", "rewritten", base)
+    git(job.project, "commit", "-q", "--allow-empty", "-m", "rewritten history")
+    theirs_commit = git(job.project, "rev-parse", "HEAD")
+    theirs = push_image(job.tmp_path, registry_pair.push, job.repo, theirs_commit)
+    ours = push_image(job.tmp_path, registry_pair.push, job.repo, ours_commit)
+    assert job.run(theirs).returncode == 0
+
+    done = job.run(ours)
+
+    assert done.returncode == 0, done.stderr
+    diverged = f"{theirs_commit[:8]} and {ours_commit[:8]} are on diverged histories"
+    assert f"{diverged} (a rewritten branch?): ancestry cannot order the two images" in done.stderr
+    assert manifest_digest(registry_pair.push, job.repo, "latest") == ours.digest
+
+
 # --- the pull registry -------------------------------------------------------------------
 
 
@@ -608,3 +627,18 @@ def test_an_unreachable_registry(job: Job) -> None:
     assert f"{closed} is unreachable" in line
     assert "connection refused" in line
     assert "retry 2/2" in done.stderr
+
+
+def test_a_lagging_pull_registry_is_polled_until_it_serves_the_digest(
+    job: Job, registry_pair: RegistryPair, fault_proxy: FaultProxyFactory
+) -> None:
+    built = push_image(job.tmp_path, registry_pair.push, job.repo, commits(job.project)[1])
+    # Seed 1 answers the first look at the pull registry with a 503: it lags.
+    lagging = fault_proxy(registry_pair.pull, fault_rate=0.5, faults=("503",), seed=1)
+
+    done = replace(job, pull_host=lagging.host).run(built)
+
+    assert done.returncode == 0, done.stderr
+    assert lagging.seen[0].outcome == "503"
+    assert "looking again in 0.2s" in done.stderr
+    assert f"the pull registry serves {built.digest}" in done.stderr

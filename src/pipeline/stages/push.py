@@ -179,22 +179,16 @@ class Registry:
 
     def _run(
         self, argv: list[str], reference: str, what: str, *, stream: bool = False
-    ) -> _Output | None:
+    ) -> Result | None:
         """Run with retries for transient failures; None when the registry answers 404."""
         try:
-            result = self.shell.run(
+            return self.shell.run(
                 argv, stream=stream, timeout=self.timeout, classify=skopeo.transient, what=what
             )
         except CommandError as exc:
             if skopeo.classify_failure(exc.stderr_tail) is Failure.NOT_FOUND:
                 return None
             raise explain(exc, reference, what) from None
-        return _Output(stdout=result.stdout)
-
-
-@dataclass(frozen=True)
-class _Output:
-    stdout: str
 
 
 def explain(error: CommandError, reference: str, what: str) -> PipelineError:
@@ -206,8 +200,8 @@ def explain(error: CommandError, reference: str, what: str) -> PipelineError:
         log.info(error.stderr_tail)
     if kind is Failure.UNAUTHORIZED:
         return UsageError(
-            f"{host} refused the credentials (401 unauthorized) {what}: set NEXUS_USER/"
-            "NEXUS_PASSWORD, the Vault secret or your docker login to a valid account"
+            f"{host} refused the credentials (401 unauthorized) {what}: they are missing or "
+            "wrong; set NEXUS_USER/NEXUS_PASSWORD, the Vault secret or your docker login"
         )
     if kind is Failure.DENIED:
         return UsageError(
