@@ -29,7 +29,7 @@ _GITLAB_SEVERITY = {
     "HIGH": "High",
     "CRITICAL": "Critical",
 }
-_URL = re.compile(r"(https?|ftp)://.+")
+_URL_SCHEMES = ("http://", "https://", "ftp://")
 _CVSS_VECTOR = re.compile(r"(CVSS:3[.][01]/)?[A-Za-z]{1,3}:[A-Za-z]+(/[A-Za-z]{1,3}:[A-Za-z]+)+")
 _MAX_NAME = 255
 _MAX_SOLUTION = 7000
@@ -227,7 +227,7 @@ def _solution(finding: Finding) -> str:
 def _identifier(finding: Finding) -> dict[str, str]:
     kind = finding.id.split("-", 1)[0].lower() if "-" in finding.id else "trivy"
     identifier = {"type": kind, "name": finding.id, "value": finding.id}
-    if finding.primary_url and _URL.fullmatch(finding.primary_url):
+    if finding.primary_url and _is_url(finding.primary_url):
         identifier["url"] = finding.primary_url
     return identifier
 
@@ -236,4 +236,9 @@ def _links(finding: Finding) -> list[dict[str, str]]:
     urls: Sequence[str] = (
         (finding.primary_url,) if finding.primary_url else ()
     ) + finding.references
-    return [{"url": url} for url in dict.fromkeys(urls) if _URL.fullmatch(url)]
+    return [{"url": url} for url in dict.fromkeys(urls) if _is_url(url)]
+
+
+def _is_url(text: str) -> bool:
+    """What the schema's ``^(https?|ftp)://.+`` accepts (a scheme and something after it)."""
+    return text.startswith(_URL_SCHEMES) and not text.endswith("://") and "\n" not in text

@@ -177,7 +177,8 @@ def _write_gitlab_report(
 ) -> None:
     path = _path(rt, settings.gitlab_report)
     document = report.gitlab_report(scanned, image, start_time=start, end_time=_utc_now())
-    _write_atomically(path, json.dumps(document, indent=2) + "\n")
+    # compact: indent= would switch json to its pure-Python encoder, 5x slower on big reports
+    _write_atomically(path, json.dumps(document) + "\n")
     log.info(f"wrote {path} ({len(document['vulnerabilities'])} vulnerabilities)")
 
 
