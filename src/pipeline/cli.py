@@ -145,6 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name in ("tags", "plan"):
         parsers[name].add_argument("--json", action="store_true", help="print JSON")
+    for name in ("plan", "run"):
+        parsers[name].add_argument(
+            "--skip",
+            action="append",
+            choices=[command.name for command in COMMANDS if command.stage],
+            metavar="STAGE",
+            help="leave this stage out (repeatable)",
+        )
     artifact = parsers["artifact"]
     artifact.add_argument("action", choices=("check", "show"))
     artifact.add_argument(

@@ -6,6 +6,7 @@ here was validated before the stage started.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -34,6 +35,25 @@ class Runtime:
     cwd: Path
     loaded: dict[type[Settings], Settings]
     options: Mapping[str, Any] = field(default_factory=dict)
+    #: Dry-run only: the build.env the build stage would write, which ``plan`` and ``run``
+    #: hand to the later stages of the same run (no file exists; its digest is a placeholder).
+    planned_build_env: BuildEnv | None = None
+
+    def __post_init__(self) -> None:
+        if self.planned_build_env is not None and not self.dry_run:
+            raise ValueError("a planned build.env is for dry-runs only; a real run reads build.env")
+
+    def for_stage(
+        self, command: str, shell: Shell, *, planned_build_env: BuildEnv | None = None
+    ) -> Runtime:
+        """One stage of a multi-stage run: the same inputs and context, its own shell."""
+        child = dataclasses.replace(
+            self, command=command, shell=shell, planned_build_env=planned_build_env
+        )
+        for name in ("context", "image_name", "plan"):  # computed once, for every stage alike
+            if name in self.__dict__:
+                child.__dict__[name] = self.__dict__[name]
+        return child
 
     def settings(self, model: type[M]) -> M:
         """The validated instance of ``model`` (the command must have declared it)."""
@@ -79,6 +99,9 @@ class Runtime:
         return self.project_dir / self.settings(PipelineSettings).build_env
 
     def read_build_env(self, path: Path | None = None) -> BuildEnv:
+        """``build.env`` (file and injected environment), or the planned one of a dry-run."""
         from pipeline.artifact import read
 
+        if path is None and self.planned_build_env is not None:
+            return self.planned_build_env
         return read(path or self.build_env_path, self.environ)

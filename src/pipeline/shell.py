@@ -38,6 +38,15 @@ class Result:
     ran: bool = True
 
 
+@dataclass(frozen=True, kw_only=True)
+class Call:
+    """One command as it was asked for: what ``plan`` lists, and what tests compare."""
+
+    argv: tuple[str, ...]
+    #: A read-only local query: it runs under dry-run too.
+    query: bool = False
+
+
 @dataclass(kw_only=True)
 class Shell:
     """Runs commands for one pipeline invocation."""
@@ -45,6 +54,9 @@ class Shell:
     dry_run: bool
     policy: RetryPolicy = field(default_factory=RetryPolicy)
     base_env: Mapping[str, str] = field(default_factory=dict)
+    #: Every command run, or under dry-run printed instead, in order (once per call, not
+    #: per retry): a dry-run's history is exactly what the real run would ask for.
+    history: list[Call] = field(default_factory=list)
     _warned_missing: set[str] = field(default_factory=set)
 
     def which(self, program: str, env: Mapping[str, str] | None = None) -> str | None:
@@ -81,6 +93,7 @@ class Shell:
             classify: decides which failures are transient and worth a retry.
         """
         args = tuple(argv)
+        self.history.append(Call(argv=args, query=query))
         merged = {**self.base_env, **(env or {})}
         if self.dry_run and not query:
             log.command(args, note="dry-run: not run")
