@@ -9,11 +9,13 @@ config.json the stage wrote, and records each run in ``STANDIN_RECORD``.
 from __future__ import annotations
 
 import base64
+import io
 import json
 import shlex
 import shutil
 import subprocess
 import sys
+import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +26,14 @@ import pytest
 from tests.clirun import base_env, error_lines, run_cli
 from tests.gitrepo import git, make_repo
 from tests.infra.ports import free_port
-from tests.infra.registry import Registry, get_config, manifest_digest, unique_repo
+from tests.infra.registry import (
+    Registry,
+    get_blob,
+    get_config,
+    get_manifest,
+    manifest_digest,
+    unique_repo,
+)
 
 STANDIN_DIR = Path(__file__).parent / "standins" / "kaniko"
 EXECUTOR = STANDIN_DIR / "executor"
@@ -185,6 +194,21 @@ def test_built_image_carries_the_oci_labels(registry_job: Job, tls_registry: Reg
     assert labels["org.opencontainers.image.title"] == "server"
     assert labels["org.opencontainers.image.created"].endswith("Z")
     assert labels["team"] == "platform"
+
+
+@pytest.mark.registry
+def test_built_image_holds_the_build_context(registry_job: Job, tls_registry: Registry) -> None:
+    name = registry_job.env["NEXUS_IMAGE_NAME"]
+
+    done = registry_job.run()
+
+    assert done.returncode == 0, done.stderr
+    [layer] = get_manifest(tls_registry, name, TAG).content["layers"]
+    blob = get_blob(tls_registry, name, layer["digest"])
+    with tarfile.open(fileobj=io.BytesIO(blob), mode="r:*") as tar:
+        member = tar.extractfile("workspace/app.txt")
+        assert member is not None
+        assert member.read() == b"hello from the build context\n"
 
 
 @pytest.mark.registry
@@ -365,6 +389,24 @@ def test_dry_run_shows_the_argv_the_real_run_uses(job: Job) -> None:
     [attempt] = job.attempts()
     assert without_created(attempt["argv"]) == without_created(shown)
     assert without_created(executor_line(done.stderr)) == without_created(shown)
+
+
+def test_release_tag_builds_the_version(job: Job) -> None:
+    env = {k: v for k, v in job.env.items() if k != "CI_COMMIT_BRANCH"}
+    env.update(CI_COMMIT_TAG="v1.4.2", STANDIN_INSTANT="1")
+
+    done = run_cli(["build"], env=env, cwd=job.project)
+
+    assert done.returncode == 0, done.stderr
+    argv = executor_line(done.stderr)
+    repository = f"{job.env['NEXUS_REGISTRY']}/{job.env['NEXUS_IMAGE_NAME']}"
+    assert [a for a in argv if a.startswith("--destination=")] == [
+        f"--destination={repository}:1.4.2"
+    ]
+    assert "--label=org.opencontainers.image.version=1.4.2" in argv
+    assert "--label=org.opencontainers.image.ref.name=v1.4.2" in argv
+    written = job.written()
+    assert (written["IMAGE_TAG"], written["IMAGE_MOVING_TAGS"]) == ("1.4.2", "stable")
 
 
 def test_settings_shape_the_argv(job: Job) -> None:
