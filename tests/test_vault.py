@@ -214,6 +214,18 @@ def test_path_outside_the_policy_says_what_to_grant(vault: Vault, tmp_path: Path
     )
 
 
+def test_deleted_secret_says_so(fresh_vault: Vault, tmp_path: Path) -> None:
+    deleted = fresh_vault.api("DELETE", fresh_vault.kv2_path, token=fresh_vault.root_token)
+    assert deleted.status == 204, deleted
+
+    line = refused(fresh_vault, tmp_path)
+
+    assert line.startswith(
+        f"Vault secret {fresh_vault.kv2_path}: its latest version was deleted at 20"
+    )
+    assert line.endswith("; undelete it (vault kv undelete) or write it again")
+
+
 def test_missing_password_field_lists_what_is_there(vault: Vault, tmp_path: Path) -> None:
     line = refused(vault, tmp_path, PIPELINE_VAULT_SECRET_PATH=vault.incomplete_path)
 

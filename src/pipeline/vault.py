@@ -228,6 +228,11 @@ def _read_failure(
 ) -> Callable[[VaultSettings, hvac.exceptions.VaultError], str]:
     def explain(settings: VaultSettings, exc: hvac.exceptions.VaultError) -> str:
         hint = _kv_hint(client, path) if isinstance(exc, _MISSING) else ""
+        if isinstance(exc, hvac.exceptions.InvalidPath) and _deleted(exc):
+            return (
+                f"Vault secret {path}: its latest version was {_deleted(exc)}; "
+                "undelete it (vault kv undelete) or write it again"
+            )
         if isinstance(exc, hvac.exceptions.InvalidPath):
             fix = hint or "check PIPELINE_VAULT_SECRET_PATH and that the secret is written there"
             return f"Vault has no secret at {path}: {fix}"
@@ -239,6 +244,21 @@ def _read_failure(
         return f"Vault refused reading {path}: {_vault_text(exc)}"
 
     return explain
+
+
+def _deleted(exc: hvac.exceptions.VaultError) -> str:
+    """'deleted at <time>' / 'destroyed' when a KV v2 404 is a deleted latest version."""
+    metadata = _dig(exc.json, "data", "metadata")
+    if metadata.get("destroyed"):
+        return "destroyed"
+    return f"deleted at {metadata['deletion_time']}" if metadata.get("deletion_time") else ""
+
+
+def _dig(value: object, *keys: str) -> Mapping[str, Any]:
+    """``value[k1][k2]...`` when every level is a mapping, else empty."""
+    for key in keys:
+        value = value.get(key) if isinstance(value, Mapping) else None
+    return value if isinstance(value, Mapping) else {}
 
 
 def _kv_hint(client: Any, path: str) -> str:
@@ -264,11 +284,11 @@ def _mount(client: Any, path: str) -> tuple[str, str]:
         answer = client.adapter.get(f"/v1/sys/internal/ui/mounts/{path}")
     except (hvac.exceptions.VaultError, requests.exceptions.RequestException):
         return guess
-    data = answer.get("data") if isinstance(answer, Mapping) else None
-    if not isinstance(data, Mapping) or data.get("type") not in ("kv", "generic"):
+    mount = _dig(answer, "data")
+    if mount.get("type") not in ("kv", "generic"):
         return guess
-    version = str((data.get("options") or {}).get("version") or "1")
-    return str(data.get("path", "")).rstrip("/") or guess[0], version
+    version = str(_dig(mount, "options").get("version") or "1")
+    return str(mount.get("path", "")).rstrip("/") or guess[0], version
 
 
 def _secret_data(path: str, response: Any) -> Mapping[str, Any]:
@@ -279,10 +299,6 @@ def _secret_data(path: str, response: Any) -> Mapping[str, Any]:
     inner = data.get("data")
     if "/data/" in f"/{path}" and isinstance(inner, Mapping) and "metadata" in data:
         return inner
-    if inner is None and "metadata" in data:
-        raise ExternalError(
-            f"Vault secret {path}: its latest version is deleted or destroyed; write it again"
-        )
     return data
 
 
