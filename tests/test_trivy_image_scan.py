@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 
 from pipeline import artifact
+from pipeline.errors import CommandError
+from pipeline.stages.trivy_image_scan import classify_scan_error
 from pipeline.tools import trivy
 from tests.clirun import base_env, error_lines, run_cli
 from tests.infra import oci
@@ -696,3 +698,118 @@ def test_tls_registry_without_credentials_is_refused_at_once(
     assert "retry" not in done.stderr
     (line,) = error_lines(done.stderr)
     assert line.startswith("pipeline: error: trivy exited with 1: ")
+
+
+def test_dry_run_from_json_summarises_and_applies_policy_but_writes_nothing(tmp_path: Path) -> None:
+    sample = Path("/work/shared/reference/trivy/debian-buster.json.golden")
+    env = offline_env(
+        tmp_path,
+        PIPELINE_SCAN_FAIL_ON="CRITICAL",
+        DEFECTDOJO_URL="http://127.0.0.1:9",
+        DEFECTDOJO_TOKEN="dd-token-never-used",
+    )
+    before = sorted(p.name for p in tmp_path.iterdir())
+
+    done = run_cli(
+        ["trivy-image-scan", "--dry-run", "--from-json", str(sample)], env=env, cwd=tmp_path
+    )
+
+    assert done.returncode == 5, done.stderr
+    assert f"would write {tmp_path / 'gl-container-scanning-report.json'}" in done.stderr
+    assert (
+        "would import into DefectDojo: POST http://127.0.0.1:9/api/v2/import-scan/" in done.stderr
+    )
+    assert "CVE-2019-18276" in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize(
+    ("stderr", "reason"),
+    [
+        (
+            "FATAL\trun error: init error: DB error: failed to download vulnerability DB: GET http://h/v2/: TOOMANYREQUESTS: slow down",
+            "rate limited (429)",
+        ),
+        (
+            "FATAL\tremote error: GET http://h/v2/x/manifests/sha256:1: unexpected status code 503 Service Unavailable",
+            "server error (5xx)",
+        ),
+        ("FATAL\tscan error: context deadline exceeded", "timeout"),
+        (
+            'FATAL\tunable to find the specified image "h/x@sha256:0" in ["remote"]: MANIFEST_UNKNOWN: manifest unknown',
+            None,
+        ),
+        (
+            "FATAL\tremote error: GET http://h/v2/x/manifests/sha256:1: UNAUTHORIZED: authentication required",
+            None,
+        ),
+        ("FATAL\tfilesystem scan error: no space left on device", None),
+    ],
+)
+def test_scan_errors_classified(stderr: str, reason: str | None) -> None:
+    error = CommandError("trivy exited with 1", argv=("trivy",), returncode=1, stderr_tail=stderr)
+    assert classify_scan_error(error) == reason
+
+
+@pytest.mark.trivy
+@pytest.mark.registry
+def test_insecure_skips_tls_verification_with_a_warning(
+    tmp_path: Path, tls_registry: Registry
+) -> None:
+    repo = unique_repo("orchestrator-tls")
+    archive = oci.write_docker_archive(tmp_path / "image.tar", alpine319())
+    digest = oci.push_archive_by_digest(tls_registry, repo, archive.path)
+    env = tls_env(tmp_path, tls_registry, repo, digest, PIPELINE_SCAN_INSECURE="true")
+    del env["PIPELINE_REGISTRY_CA_FILE"]
+
+    done = scan(tmp_path, env)
+
+    assert done.returncode == 0, done.stderr
+    assert "PIPELINE_SCAN_INSECURE=true: Trivy skips TLS verification" in done.stderr
+    assert findings_of(tmp_path / "trivy-report.json") == ALPINE_FINDINGS
+
+
+@pytest.mark.trivy
+@pytest.mark.registry
+def test_unknown_ca_without_insecure_fails_at_once(tmp_path: Path, tls_registry: Registry) -> None:
+    repo = unique_repo("orchestrator-tls")
+    archive = oci.write_docker_archive(tmp_path / "image.tar", alpine319())
+    digest = oci.push_archive_by_digest(tls_registry, repo, archive.path)
+    env = tls_env(tmp_path, tls_registry, repo, digest)
+    del env["PIPELINE_REGISTRY_CA_FILE"]
+
+    done = scan(tmp_path, env)
+
+    assert done.returncode == 4, done.stderr
+    assert "retry" not in done.stderr
+    assert "x509" in error_lines(done.stderr)[0]
+
+
+@pytest.mark.trivy
+@pytest.mark.registry
+def test_secret_scanner_findings_are_summarised_and_kept_out_of_the_gitlab_report(
+    tmp_path: Path, registry_pair: RegistryPair
+) -> None:
+    token = "ghp_" + "Zq3T8b1xW4kP9mN2cV7rL5sD0fG6hJ1aY8uE"
+    spec = oci.ImageSpec(
+        layers=[*alpine319().layers, {"app/deploy.sh": f"export GITHUB_TOKEN={token}\n".encode()}]
+    )
+    repo, digest = push_image(registry_pair, spec, tmp_path)
+    env = scan_env(
+        tmp_path,
+        registry_pair,
+        repo,
+        digest,
+        PIPELINE_SCAN_SCANNERS="vuln,secret",
+        PIPELINE_SCAN_FAIL_ON="CRITICAL",
+    )
+
+    done = scan(tmp_path, env)
+
+    assert done.returncode == 5, done.stderr
+    parsed = trivy.load_report((tmp_path / "trivy-report.json").read_bytes())
+    secrets = [f for f in parsed.findings if f.kind == "secret"]
+    assert [(f.id, f.package) for f in secrets] == [("github-pat", "/app/deploy.sh")]
+    document = gitlab_report(tmp_path)
+    assert len(document["vulnerabilities"]) == len(ALPINE_FINDINGS)  # type: ignore[arg-type]
+    assert "1 secret or misconfiguration findings" in json.dumps(document["scan"])

@@ -46,19 +46,20 @@ def run(rt: Runtime) -> None:
     from_json: Path | None = rt.options.get("from_json")
 
     start = _utc_now()
+    json_path = from_json or _path(rt, settings.json_report)
     if from_json is None:
-        json_path = _path(rt, settings.json_report)
         _scan(rt, settings, build, json_path)
-    else:
-        json_path = from_json
-    if rt.dry_run and from_json is None:
-        _explain_dry_run(rt, settings, image, json_path)
-        return
+        if rt.dry_run:
+            _explain_dry_run(rt, settings, image, json_path)
+            return
 
     scanned = _load(json_path, from_trivy=from_json is None)
-    _write_gitlab_report(rt, settings, scanned, image, start)
     _log_summary(scanned, image, settings.top_findings)
-    _import(rt, settings, json_path)
+    if rt.dry_run:
+        _explain_dry_run(rt, settings, image, None)
+    else:
+        _write_gitlab_report(rt, settings, scanned, image, start)
+        _import(rt, settings, json_path)
     _apply_policy(scanned, settings.threshold)
 
 
@@ -243,9 +244,14 @@ def _import_fields(rt: Runtime, settings: ScanSettings) -> defectdojo.ImportScan
 
 
 def _explain_dry_run(
-    rt: Runtime, settings: ScanSettings, image: report.ScannedImage, json_path: Path
+    rt: Runtime, settings: ScanSettings, image: report.ScannedImage, json_path: Path | None
 ) -> None:
-    log.info(f"would write {json_path} (Trivy JSON) and {_path(rt, settings.gitlab_report)}")
+    gitlab = _path(rt, settings.gitlab_report)
+    log.info(
+        f"would write {json_path} (Trivy JSON) and {gitlab}"
+        if json_path
+        else f"would write {gitlab}"
+    )
     if _client(settings) is None:
         log.info("would not import into DefectDojo (DEFECTDOJO_URL and DEFECTDOJO_TOKEN unset)")
     else:
