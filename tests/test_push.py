@@ -424,6 +424,26 @@ def test_diverged_histories_fall_back_to_creation_time(
     assert manifest_digest(registry_pair.push, job.repo, "latest") == ours.digest
 
 
+def test_a_tag_on_an_index_without_this_platform_is_still_ordered(
+    job: Job, registry_pair: RegistryPair
+) -> None:
+    older_commit, newer_commit = commits(job.project)
+    arm_only = {
+        "linux/arm64": write_docker_archive(
+            job.tmp_path / "arm64.tar", spec_for(older_commit, architecture="arm64")
+        ).path
+    }
+    index = push_multiarch_index(registry_pair.push, job.repo, "latest", arm_only)
+    ours = push_image(job.tmp_path, registry_pair.push, job.repo, newer_commit)
+
+    done = job.run(ours)
+
+    assert done.returncode == 0, done.stderr
+    assert "an index without an image for this platform; labels unread" in done.stderr
+    assert f"latest: {ours.digest}" in done.stderr
+    assert manifest_digest(registry_pair.push, job.repo, "latest") != index
+
+
 # --- the pull registry -------------------------------------------------------------------
 
 
@@ -600,6 +620,7 @@ def test_digest_not_in_the_registry(job: Job) -> None:
     assert (
         f"neither {job.push_host}/{job.repo}:main-1234abcd nor IMAGE_DIGEST {ABSENT_DIGEST}" in line
     )
+    assert "retry" not in done.stderr  # a 404 is permanent
 
 
 def test_an_immutable_tag_moved_to_another_digest(job: Job, registry_pair: RegistryPair) -> None:

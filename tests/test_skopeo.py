@@ -18,6 +18,10 @@ PREFIX = (
     'time="2026-12-03T16:58:27Z" level=fatal msg="Error parsing image name \\"docker://h:1/x:1\\": '
 )
 # The last line of real skopeo 1.9.3 failures against docker-registry 2.8 and the fault proxy.
+NO_PLATFORM = (
+    'time="2026-12-03T17:10:56Z" level=fatal msg="Error parsing manifest for image: choosing '
+    'image instance: no image found in image index for architecture amd64, variant \\"\\", OS linux"'
+)
 UNAUTHORIZED = PREFIX + 'reading manifest 1 in h:1/x: unauthorized: authentication required"'
 DENIED = (
     PREFIX + 'pinging container registry h:1: invalid status code from registry 403 (Forbidden)"'
@@ -116,6 +120,7 @@ def test_parse_inspect_without_labels_or_a_usable_time(created: str | None) -> N
 @pytest.mark.parametrize(
     ("stderr", "kind"),
     [
+        (NO_PLATFORM, Failure.NO_PLATFORM),
         (UNAUTHORIZED, Failure.UNAUTHORIZED),
         (DENIED, Failure.DENIED),
         (UNKNOWN, Failure.NOT_FOUND),
@@ -148,6 +153,7 @@ def test_error_message_drops_the_log_prefix_and_the_image_name() -> None:
         (DENIED, False),
         (UNKNOWN, False),
         (X509, False),
+        (NO_PLATFORM, False),
     ],
 )
 def test_only_transient_failures_are_retried(stderr: str, retried: bool) -> None:
@@ -155,3 +161,20 @@ def test_only_transient_failures_are_retried(stderr: str, retried: bool) -> None
 
     assert (skopeo.transient(error) is not None) is retried
     assert skopeo.transient(ValueError(stderr)) is None
+
+
+@pytest.mark.parametrize("label", ["main", "v1.2.3", "--upload-pack=x", "abc", "A" * 40, ""])
+def test_a_revision_label_that_is_no_commit_sha_is_ignored(label: str) -> None:
+    info = skopeo.parse_inspect(
+        json.dumps({"Digest": DIGEST, "Labels": {skopeo.REVISION_LABEL: label}})
+    )
+
+    assert info.revision is None
+
+
+def test_a_short_commit_sha_is_a_revision() -> None:
+    info = skopeo.parse_inspect(
+        json.dumps({"Digest": DIGEST, "Labels": {skopeo.REVISION_LABEL: "1a2b3c4"}})
+    )
+
+    assert info.revision == "1a2b3c4"

@@ -74,7 +74,7 @@ class Settings(BaseSettings):
     """Base of every settings model: read-only, empty means unset."""
 
     model_config = SettingsConfigDict(
-        case_sensitive=False, env_ignore_empty=True, extra="ignore", frozen=True
+        case_sensitive=False, env_ignore_empty=True, extra="ignore", frozen=True, defer_build=True
     )
     #: Shown in the effective-settings listing under this heading.
     title: ClassVar[str] = "settings"
@@ -396,7 +396,7 @@ class PushSettings(Settings):
     force: bool = False
     #: Commits ``git fetch --deepen`` adds before falling back to ``--unshallow``.
     git_deepen: int = Field(200, ge=1)
-    git_remote: str = "origin"
+    git_remote: str = Field("origin", pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
     command_timeout_seconds: float = Field(300.0, gt=0)
     #: ``false`` talks to the registries without verifying TLS, or over plain http.
     tls_verify: bool = Field(True, validation_alias="PIPELINE_REGISTRY_TLS_VERIFY")

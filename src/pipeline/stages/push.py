@@ -142,24 +142,22 @@ class Registry:
     def digest(self, reference: str, *, what: str) -> str | None:
         """The digest ``reference`` resolves to, or None when the registry does not have it."""
         result = self._run(skopeo.inspect_raw(reference, access=self.access), reference, what)
-        return skopeo.raw_digest(result.stdout) if result else None
+        return None if isinstance(result, Failure) else skopeo.raw_digest(result.stdout)
 
     def image(self, reference: str, *, what: str) -> ImageInfo | None:
         """Digest, labels and creation time of ``reference``; None when it does not exist."""
         argv = skopeo.inspect_image(reference, access=self.access)
-        try:
-            result = self._run(argv, reference, what)
-        except ExternalError as exc:
-            if "no image found in manifest list" not in str(exc):
-                raise
+        result = self._run(argv, reference, what, absent=(Failure.NOT_FOUND, Failure.NO_PLATFORM))
+        if result is Failure.NO_PLATFORM:
             log.warn(f"{reference}: an index without an image for this platform; labels unread")
             found = self.digest(reference, what=what)
             return ImageInfo(digest=found) if found else None
-        return skopeo.parse_inspect(result.stdout) if result else None
+        return None if isinstance(result, Failure) else skopeo.parse_inspect(result.stdout)
 
     def copy(self, source: str, destination: str) -> None:
         argv = skopeo.copy_by_digest(source=source, destination=destination, access=self.access)
-        if self._run(argv, source, f"copying {source} to {destination}", stream=True) is None:
+        result = self._run(argv, source, f"copying {source} to {destination}", stream=True)
+        if isinstance(result, Failure):
             raise ArtifactError(
                 f"{source} is not in the push registry (it vanished after it was verified); "
                 "run the build again"
@@ -178,16 +176,23 @@ class Registry:
         return skopeo.raw_digest(result.stdout)
 
     def _run(
-        self, argv: list[str], reference: str, what: str, *, stream: bool = False
-    ) -> Result | None:
-        """Run with retries for transient failures; None when the registry answers 404."""
+        self,
+        argv: list[str],
+        reference: str,
+        what: str,
+        *,
+        stream: bool = False,
+        absent: tuple[Failure, ...] = (Failure.NOT_FOUND,),
+    ) -> Result | Failure:
+        """Run with retries for transient failures; an ``absent`` kind of failure is returned."""
         try:
             return self.shell.run(
                 argv, stream=stream, timeout=self.timeout, classify=skopeo.transient, what=what
             )
         except CommandError as exc:
-            if skopeo.classify_failure(exc.stderr_tail) is Failure.NOT_FOUND:
-                return None
+            kind = skopeo.classify_failure(exc.stderr_tail)
+            if kind in absent:
+                return kind
             raise explain(exc, reference, what) from None
 
 
@@ -239,7 +244,10 @@ def _mismatch(reference: str, found: str | None, digest: str, *, digest_there: b
             "push did not complete, the image was deleted, or build.env is from another registry"
         )
     if found is None:
-        return f"{reference} is gone from the push registry (IMAGE_DIGEST {digest} is still there): rebuild"
+        return (
+            f"{reference} is gone from the push registry (IMAGE_DIGEST {digest} is still "
+            "there): the immutable tag was deleted; run the build again"
+        )
     where = "is still in the registry" if digest_there else "is not in the registry"
     return (
         f"the immutable tag {reference} resolves to {found}, not to IMAGE_DIGEST {digest} "
@@ -247,20 +255,19 @@ def _mismatch(reference: str, found: str | None, digest: str, *, digest_there: b
     )
 
 
-def promote(rt: Runtime, registry: Registry, env: BuildEnv, tag: str) -> bool:
-    """Move ``tag`` to ``IMAGE_DIGEST`` unless it holds a newer commit; True when it points there."""
+def promote(rt: Runtime, registry: Registry, env: BuildEnv, tag: str) -> None:
+    """Move ``tag`` to ``IMAGE_DIGEST``, unless it already holds a newer commit."""
     target = f"{env.IMAGE_PUSH_REPOSITORY}:{tag}"
     current = registry.image(target, what=f"reading {target}")
     if current is not None and current.digest == env.IMAGE_DIGEST:
         log.info(f"{target} already points at {env.IMAGE_DIGEST}: nothing to move")
         log.fact(tag, f"{env.IMAGE_DIGEST} (already there)")
-        return True
+        return
     if current is not None and not _may_move(rt, registry, env, tag, current):
-        return False
+        return
     registry.copy(env.push_ref, target)
     _read_back(registry, target, env.IMAGE_DIGEST)
     log.fact(tag, env.IMAGE_DIGEST)
-    return True
 
 
 def _read_back(registry: Registry, target: str, digest: str) -> None:
@@ -290,7 +297,7 @@ def _decide(rt: Runtime, registry: Registry, env: BuildEnv, current: ImageInfo) 
     """(promote?, why) from the commits behind the tag and behind this build."""
     ours, theirs = env.IMAGE_COMMIT_SHA, current.revision
     if theirs is None:
-        why = f"the image behind the tag has no {skopeo.REVISION_LABEL} label"
+        why = f"the image behind the tag has no commit SHA in its {skopeo.REVISION_LABEL} label"
         return _by_creation(registry, env, current, why)
     if theirs == ours:
         return True, f"it holds a build of the same commit {ours[:8]}"

@@ -30,6 +30,7 @@ from pipeline.retry import classify_text
 
 REVISION_LABEL = "org.opencontainers.image.revision"
 Role = Literal["", "src", "dest"]
+_COMMIT = re.compile(r"[0-9a-f]{7,64}\Z")
 _FATAL_MSG = re.compile(r'level=fatal msg="(?P<msg>(?:[^"\\]|\\.)*)"')
 _NAME_PREFIX = re.compile(r'^Error parsing image name \\?"[^"\\]*\\?": ')
 
@@ -94,8 +95,13 @@ class ImageInfo:
 
     @property
     def revision(self) -> str | None:
-        """The commit it was built from (OCI ``revision`` label), when recorded."""
-        return self.labels.get(REVISION_LABEL) or None
+        """The commit it was built from (OCI ``revision`` label), when it is a commit SHA.
+
+        Anything else (a branch name, a version) is ignored: git would resolve it to
+        some other commit, and a value starting with ``-`` would be read as an option.
+        """
+        value = self.labels.get(REVISION_LABEL, "")
+        return value if _COMMIT.match(value) else None
 
 
 def parse_inspect(stdout: str) -> ImageInfo:
@@ -122,6 +128,7 @@ def _timestamp(value: object) -> datetime.datetime | None:
 class Failure(StrEnum):
     """Kinds of skopeo failure that call for different advice."""
 
+    NO_PLATFORM = "no image for this platform"
     UNAUTHORIZED = "unauthorized"
     DENIED = "denied"
     NOT_FOUND = "not found"
@@ -131,6 +138,7 @@ class Failure(StrEnum):
 
 
 _FAILURES: tuple[tuple[re.Pattern[str], Failure], ...] = (
+    (re.compile(r"no image found in (image index|manifest list)", re.I), Failure.NO_PLATFORM),
     (re.compile(r"unauthorized|authentication required|\b401\b", re.I), Failure.UNAUTHORIZED),
     (re.compile(r"denied|forbidden|\b403\b", re.I), Failure.DENIED),
     (re.compile(r"manifest unknown|name unknown|not found|\b404\b", re.I), Failure.NOT_FOUND),
