@@ -11,6 +11,7 @@ import base64
 import json
 import os
 import signal
+import socket
 import ssl
 import subprocess
 from collections.abc import Iterable, Iterator
@@ -255,8 +256,9 @@ def test_sealed_vault_is_retried_then_exit_4(fresh_vault: Vault, tmp_path: Path)
     assert result.returncode == 4, result.stderr
     assert "failed (sealed or unavailable (503)); retry 3/3" in result.stderr
     assert error_lines(result.stderr) == [
-        f"pipeline: error: Vault at VAULT_ADDR={fresh_vault.addr} is sealed or unavailable (503) "
-        "(Vault is sealed) after 3 attempts: check VAULT_ADDR and that Vault is unsealed and reachable from the runner"
+        f"pipeline: error: Vault at VAULT_ADDR={fresh_vault.addr} failed after 3 attempts "
+        "(sealed or unavailable (503): Vault is sealed); check VAULT_ADDR and that Vault is "
+        "unsealed and reachable from the runner"
     ]
     assert_no_secrets(result, tmp_path, vault_secrets(fresh_vault, env))
 
@@ -270,7 +272,27 @@ def test_unreachable_vault_is_retried_then_exit_4(vault: Vault, tmp_path: Path) 
     assert result.returncode == 4, result.stderr
     assert "failed (unreachable); retry 2/3" in result.stderr
     assert error_lines(result.stderr) == [
-        f"pipeline: error: Vault at VAULT_ADDR={addr} is unreachable after 3 attempts: "
+        f"pipeline: error: Vault at VAULT_ADDR={addr} failed after 3 attempts (unreachable); "
+        "check VAULT_ADDR and that Vault is unsealed and reachable from the runner"
+    ]
+
+
+def test_silent_vault_times_out_and_is_retried(vault: Vault, tmp_path: Path) -> None:
+    # A socket that listens but never answers: connections open, no reply ever comes.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        addr = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        env = job_env(
+            vault, tmp_path, VAULT_ADDR=addr, PIPELINE_VAULT_TIMEOUT_SECONDS="0.3", **FAST_RETRIES
+        )
+
+        result = login(env, tmp_path)
+
+    assert result.returncode == 4, result.stderr
+    assert "failed (timed out); retry 3/3" in result.stderr
+    assert error_lines(result.stderr) == [
+        f"pipeline: error: Vault at VAULT_ADDR={addr} failed after 3 attempts (timed out); "
         "check VAULT_ADDR and that Vault is unsealed and reachable from the runner"
     ]
 

@@ -185,7 +185,7 @@ def classify(error: BaseException) -> str | None:
         (hvac.exceptions.InternalServerError, "server error (500)"),
         (hvac.exceptions.RateLimitExceeded, "rate limited (429)"),
         (requests.exceptions.SSLError, ""),
-        (requests.exceptions.Timeout, "timeout"),
+        (requests.exceptions.Timeout, "timed out"),
         (requests.exceptions.ConnectionError, "unreachable"),
     )
     for kind, reason in transient:
@@ -197,10 +197,10 @@ def classify(error: BaseException) -> str | None:
 def _unavailable(rt: Runtime, settings: VaultSettings, exc: BaseException) -> str:
     reason = classify(exc) or type(exc).__name__
     said = _vault_text(exc) if isinstance(exc, hvac.exceptions.VaultError) else ""
-    detail = f" ({said})" if said and said != type(exc).__name__ else ""
+    detail = f": {said}" if said and said != type(exc).__name__ else ""
     return (
-        f"Vault at VAULT_ADDR={settings.addr} is {reason}{detail} after "
-        f"{rt.shell.policy.attempts} attempts: "
+        f"Vault at VAULT_ADDR={settings.addr} failed after {rt.shell.policy.attempts} "
+        f"attempts ({reason}{detail}); "
         "check VAULT_ADDR and that Vault is unsealed and reachable from the runner"
     )
 
