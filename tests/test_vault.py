@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from pipeline.auth import pull_credentials
 from tests.clirun import base_env, error_lines, run_cli
 from tests.infra.ports import free_port, wait_http
-from tests.infra.vault import Vault
+from tests.infra.vault import Vault, start_vault, stop_vault
 from tests.test_auth import PULL, PUSH, runtime
 
 pytestmark = pytest.mark.vault
@@ -194,6 +194,50 @@ def test_kv2_path_without_data_says_where_data_goes(vault: Vault, tmp_path: Path
         "Vault denied reading secret/nexus/svc-orchestrator to role nexus-ci "
         "(policies: default, nexus-read): KV v2 paths need data/: "
         "try secret/data/nexus/svc-orchestrator (PIPELINE_VAULT_SECRET_PATH)"
+    )
+
+
+@pytest.fixture(scope="module")
+def wide_vault(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Vault]:
+    """A server whose role ``wide`` may read all of ``secret/``: a missing path is a 404."""
+    server = start_vault(tmp_path_factory.mktemp("wide-vault"))
+    try:
+        admin = server.root_token
+        policy = {"policy": 'path "secret/*" { capabilities = ["read"] }'}
+        assert server.api("PUT", "sys/policies/acl/wide", token=admin, body=policy).status == 204
+        role = {"role_type": "jwt", "bound_audiences": [server.audience], "user_claim": "sub"}
+        role["token_policies"] = ["wide"]
+        assert server.api("POST", "auth/jwt/role/wide", token=admin, body=role).status == 204
+        yield server
+    finally:
+        stop_vault(server)
+
+
+def test_kv2_path_without_data_is_a_404_with_the_fix(wide_vault: Vault, tmp_path: Path) -> None:
+    line = refused(
+        wide_vault,
+        tmp_path,
+        PIPELINE_VAULT_ROLE="wide",
+        PIPELINE_VAULT_SECRET_PATH="secret/nexus/svc-orchestrator",
+    )
+
+    assert line == (
+        "Vault has no secret at secret/nexus/svc-orchestrator: KV v2 paths need data/: "
+        "try secret/data/nexus/svc-orchestrator (PIPELINE_VAULT_SECRET_PATH)"
+    )
+
+
+def test_missing_secret_names_the_setting(wide_vault: Vault, tmp_path: Path) -> None:
+    line = refused(
+        wide_vault,
+        tmp_path,
+        PIPELINE_VAULT_ROLE="wide",
+        PIPELINE_VAULT_SECRET_PATH="secret/data/nexus/svc-orchestrato",
+    )
+
+    assert line == (
+        "Vault has no secret at secret/data/nexus/svc-orchestrato: "
+        "check PIPELINE_VAULT_SECRET_PATH and that the secret is written there"
     )
 
 
