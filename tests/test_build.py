@@ -13,9 +13,11 @@ import io
 import json
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -282,6 +284,43 @@ def test_failing_run_step_is_not_retried(job: Job) -> None:
         "the same way"
     )
     assert len(job.attempts()) == 1
+    assert not job.build_env.exists()
+
+
+def test_killed_executor_is_reported_and_not_retried(job: Job) -> None:
+    done = job.run(STANDIN_FAIL="killed")
+
+    assert done.returncode == 4
+    assert only_error(done) == (
+        "pipeline: error: kaniko build failed: the executor was killed by signal 9; if the "
+        "runner ran out of memory, use a larger one (runner tag medium or large)"
+    )
+    assert len(job.attempts()) == 1
+    assert not job.build_env.exists()
+
+
+def test_sigterm_reaches_the_executor(job: Job) -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "build"],
+        env={**job.env, "STANDIN_FAIL": "hang"},
+        cwd=job.project,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not job.attempts() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        [attempt] = job.attempts()
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+
+    assert process.returncode == 4
+    assert "the executor was killed by signal 15; the job was cancelled" in stderr
+    assert not Path(f"/proc/{attempt['pid']}").exists()
     assert not job.build_env.exists()
 
 

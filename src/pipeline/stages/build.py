@@ -36,11 +36,11 @@ SETTINGS: tuple[type[Settings], ...] = (BuildSettings, VaultSettings)
 DEFAULT_EXECUTOR = Path("/kaniko/executor")
 #: Where the executor writes its digest files, under the project directory (a mount).
 OUTPUT_DIR = Path(".pipeline") / "build"
-#: Stands in for the digest in the dry-run preview of build.env; never written.
+#: Stands in for the digest in the dry-run preview of build.env, shown as PLACEHOLDER_SHOWN.
 PLACEHOLDER_DIGEST = "sha256:" + "0" * 64
+PLACEHOLDER_SHOWN = "sha256:<unknown-until-the-executor-pushes>"
 #: Lines of the executor's stdout and of its stderr read to classify a failure.
 TAIL_LINES = 20
-PLACEHOLDER_SHOWN = "sha256:<unknown-until-the-executor-pushes>"
 #: What must still be on disk after the executor exits, noted before it starts.
 SURVIVORS = (
     (Path(sys.executable), "the Python interpreter"),
@@ -239,7 +239,7 @@ class _ExecutorRun:
         result = self.rt.shell.run(
             self.argv,
             env={"DOCKER_CONFIG": str(self.docker_config)},
-            ok_codes=range(256),
+            ok_codes=range(-64, 256),  # a signal too: it is classified like any failure
             what="kaniko executor",
         )
         if result.returncode != 0:

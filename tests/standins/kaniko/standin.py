@@ -24,7 +24,7 @@ next to it. What it shares with the real executor:
 Test controls (environment):
 ``STANDIN_FAIL`` = ``transient-once`` (a connection reset on push, cleared on
 the next run; needs ``STANDIN_STATE``, a file path), ``transient`` (503 on every
-push), ``run:N`` (a RUN step exits N), ``unauthorized`` (401),
+push), ``run:N`` (a RUN step exits N), ``killed`` (SIGKILL mid-build), ``hang`` (sleeps until signalled), ``unauthorized`` (401),
 ``manifest-invalid``; ``STANDIN_INSTANT=1`` exits at once after the flag checks
 with a fixed digest (benchmarks); ``STANDIN_RECORD`` = a file that gets one JSON
 line per run (argv, DOCKER_CONFIG, restore mode); ``STANDIN_WIPE`` = a path
@@ -38,6 +38,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -258,6 +259,7 @@ def record(options: Options, argv: Sequence[str]) -> None:
         "argv": list(argv),
         "docker_config": os.environ.get("DOCKER_CONFIG"),
         "restore": restore,
+        "pid": os.getpid(),
     }
     with Path(path).open("a") as stream:
         stream.write(json.dumps(entry) + "\n")
@@ -436,6 +438,10 @@ def injected(stage: str, inputs: Inputs) -> None:
             f"waiting for process to exit: exit status {code}",
             code,
         )
+    if stage == "build" and mode == "hang":
+        time.sleep(600)  # until a signal ends it
+    if stage == "build" and mode == "killed":
+        os.kill(os.getpid(), signal.SIGKILL)  # like the OOM killer: no cleanup, no message
     if stage == "push":
         _push_failure(mode, destination, host, repo, tag)
 
