@@ -166,6 +166,9 @@ def test_promotes_by_digest_and_waits_for_the_pull_registry(
     assert "skopeo copy --all --preserve-digests" in done.stderr
     assert "the pull registry serves" in done.stderr
     assert f"latest: {built.digest}" in done.stderr  # the summary
+    assert "PIPELINE_REGISTRY_TLS_VERIFY=false: registry certificates are not verified" in (
+        done.stderr
+    )
 
 
 def test_every_moving_tag_is_promoted(job: Job, registry_pair: RegistryPair) -> None:
@@ -663,3 +666,12 @@ def test_a_lagging_pull_registry_is_polled_until_it_serves_the_digest(
     assert lagging.seen[0].outcome == "503"
     assert "looking again in 0.2s" in done.stderr
     assert f"the pull registry serves {built.digest}" in done.stderr
+
+
+def test_a_git_remote_that_looks_like_an_option_is_refused(job: Job) -> None:
+    built = Built(tag="main-1234abcd", digest=ABSENT_DIGEST, commit=commits(job.project)[1])
+
+    done = job.run(built, PIPELINE_PUSH_GIT_REMOTE="--upload-pack=touch /tmp/x")
+
+    assert done.returncode == 2
+    assert only_error(done).startswith("pipeline: error: PIPELINE_PUSH_GIT_REMOTE:")
