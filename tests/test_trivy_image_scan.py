@@ -813,3 +813,14 @@ def test_secret_scanner_findings_are_summarised_and_kept_out_of_the_gitlab_repor
     document = gitlab_report(tmp_path)
     assert len(document["vulnerabilities"]) == len(ALPINE_FINDINGS)  # type: ignore[arg-type]
     assert "1 secret or misconfiguration findings" in json.dumps(document["scan"])
+
+
+def test_explicit_ignore_file_that_does_not_exist_is_exit_2(tmp_path: Path) -> None:
+    env = offline_env(tmp_path, PIPELINE_SCAN_IGNORE_FILE="security/trivyignore")
+
+    done = run_cli(["trivy-image-scan", "--execute"], env=env, cwd=tmp_path)
+
+    assert done.returncode == 2
+    assert error_lines(done.stderr) == [
+        f"pipeline: error: PIPELINE_SCAN_IGNORE_FILE: {tmp_path / 'security/trivyignore'} does not exist"
+    ]

@@ -113,7 +113,8 @@ def summary_lines(summary: Summary, image: ScannedImage) -> list[str]:
 
 
 def _finding_line(finding: Finding) -> str:
-    fixed = finding.fixed_version or "no fix"
+    status = f" ({finding.status})" if finding.status else ""
+    fixed = finding.fixed_version or f"no fix{status}"
     where = f" ({finding.pkg_path})" if finding.pkg_path else ""
     return (
         f"{finding.severity:<8} {finding.id:<20} {finding.package}{where} "

@@ -136,6 +136,8 @@ def _trivy_env(rt: Runtime, docker_config: Path) -> dict[str, str]:
 def _checked_ignorefile(rt: Runtime, settings: ScanSettings) -> Path | None:
     path = _path(rt, settings.ignore_file)
     if not path.is_file():
+        if "ignore_file" in settings.model_fields_set:
+            raise UsageError(f"PIPELINE_SCAN_IGNORE_FILE: {path} does not exist")
         return None
     if path.suffix in (".yaml", ".yml"):
         log.info(f"ignore file: {path} (YAML; Trivy checks its syntax)")
