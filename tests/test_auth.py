@@ -340,3 +340,18 @@ def test_merging_under_a_credential_helper_warns(
         "auths": {},
         "credsStore": "desktop",
     }
+
+
+def test_runner_image_directory_is_the_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kaniko = tmp_path / "kaniko" / ".docker"
+    kaniko.mkdir(parents=True)
+    monkeypatch.setattr(auth, "KANIKO_DOCKER_DIR", kaniko)
+
+    with docker_config(runtime(tmp_path, env_account())) as directory:
+        assert directory == kaniko
+        assert (kaniko / "config.json").is_file()
+
+    assert kaniko.is_dir()
+    assert list(kaniko.iterdir()) == []
