@@ -295,6 +295,28 @@ def test_a_steady_401_fails_after_exactly_one_attempt(
     assert "retry" not in done.stderr
 
 
+def test_a_steady_503_is_retried_then_fails_with_exit_4(
+    job: Job, registry_pair: RegistryPair, fault_proxy: FaultProxyFactory
+) -> None:
+    built = push_image(job.tmp_path, registry_pair.push, job.repo, commits(job.project)[1])
+    proxy = fault_proxy(registry_pair.push, steady_status=503)
+    skopeo(
+        "inspect",
+        "--raw",
+        "--tls-verify=false",
+        f"docker://{proxy.host}/{job.repo}:{built.tag}",
+        check=False,
+    )
+    requests_per_attempt = proxy.requests
+
+    done = replace(job, push_host=proxy.host).run(built, PIPELINE_RETRY_ATTEMPTS="3")
+
+    assert done.returncode == 4
+    assert "503 (Service Unavailable)" in only_error(done)
+    assert "retry 3/3" in done.stderr
+    assert proxy.requests == (1 + 3) * requests_per_attempt
+
+
 def test_a_steady_403_names_the_missing_right(
     job: Job, registry_pair: RegistryPair, fault_proxy: FaultProxyFactory
 ) -> None:
@@ -355,8 +377,15 @@ def test_force_moves_the_tag_backwards_on_purpose(job: Job, registry_pair: Regis
     assert "PIPELINE_PUSH_FORCE=true: moving latest without checking commit order" in done.stderr
 
 
+@pytest.mark.parametrize(
+    ("deepen", "fetches"),
+    [
+        ("200", ["--deepen=200 origin"]),
+        ("1", ["--deepen=1 origin", "--unshallow origin"]),
+    ],
+)
 def test_a_shallow_clone_is_deepened_to_order_the_commits(
-    job: Job, registry_pair: RegistryPair
+    job: Job, registry_pair: RegistryPair, deepen: str, fetches: list[str]
 ) -> None:
     origin = make_repo(job.tmp_path / "origin", commits=4)
     first, *_, last = commits(origin)
@@ -367,10 +396,11 @@ def test_a_shallow_clone_is_deepened_to_order_the_commits(
     new = push_image(job.tmp_path, registry_pair.push, job.repo, last)
     assert job.run(old, project=origin).returncode == 0
 
-    done = job.run(new, project=clone)
+    done = job.run(new, project=clone, PIPELINE_PUSH_GIT_DEEPEN=deepen)
 
     assert done.returncode == 0, done.stderr
-    assert "git fetch --no-tags --quiet --deepen=200 origin" in done.stderr
+    ran = [line.removeprefix("+ git fetch --no-tags --quiet ") for line in done.stderr.splitlines()]
+    assert [line for line in ran if line.startswith("--")] == fetches
     assert f"it holds {first[:8]}, an ancestor of {last[:8]}" in done.stderr
     assert manifest_digest(registry_pair.push, job.repo, "latest") == new.digest
 

@@ -275,7 +275,8 @@ def _read_back(registry: Registry, target: str, digest: str) -> None:
     if found != digest:
         raise ExternalError(
             f"read back: {target} resolves to {found or 'nothing'}, expected {digest}: another "
-            "job moved it meanwhile, or the registry rewrote the manifest"
+            "pipeline moved it meanwhile (run this job again to re-decide), or the registry "
+            "rewrote the manifest"
         )
     log.info(f"{target} resolves to {digest}")
 
