@@ -157,6 +157,17 @@ def test_empty_report_is_valid() -> None:
     assert document["vulnerabilities"] == []
 
 
+def test_failed_scan_report_is_valid_and_says_why() -> None:
+    document = report.failed_gitlab_report("trivy exited with 1: TOOMANYREQUESTS", **TIMES)
+
+    validate_gitlab_report(document)
+    assert document["scan"]["status"] == "failure"
+    assert document["scan"]["messages"] == [
+        {"level": "fatal", "value": "trivy exited with 1: TOOMANYREQUESTS"}
+    ]
+    assert document["vulnerabilities"] == []
+
+
 # --- summary -------------------------------------------------------------------------------
 
 

@@ -296,7 +296,10 @@ def test_digest_absent_from_registry_fails_at_once_with_exit_4(
         "(manifest unknown): check IMAGE_DIGEST in build.env and that the build pushed it"
     ]
     assert "retry" not in done.stderr
-    assert not (tmp_path / "gl-container-scanning-report.json").exists()
+    document = gitlab_report(tmp_path)
+    assert document["vulnerabilities"] == []
+    assert document["scan"]["status"] == "failure"  # type: ignore[index]
+    assert "is not in the pull registry" in document["scan"]["messages"][0]["value"]  # type: ignore[index]
 
 
 # --- the DB from a mirror in the registry ---------------------------------------------------------

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline import __version__
 from pipeline.tools.trivy import SEVERITIES, Finding, Report
 
 SCHEMA_VERSION = "15.2.1"
@@ -151,17 +152,15 @@ def gitlab_report(
     }
 
 
+def failed_gitlab_report(reason: str, *, start_time: str, end_time: str) -> dict[str, Any]:
+    """A report saying the scan could not run, so GitLab shows a failed scan, not a clean one."""
+    scan = _scan_section("unknown", start_time, end_time, status="failure")
+    scan["messages"] = [{"level": "fatal", "value": reason or "the scan failed"}]
+    return {"version": SCHEMA_VERSION, "scan": scan, "vulnerabilities": [], "remediations": []}
+
+
 def _scan(report: Report, start_time: str, end_time: str) -> dict[str, Any]:
-    version = report.trivy_version if report.trivy_version else "unknown"
-    tool = {"name": "Trivy", "version": version, "vendor": {"name": "Aqua Security"}}
-    scan: dict[str, Any] = {
-        "analyzer": {"id": "orchestrator-pipeline", **tool, "name": "orchestrator-pipeline"},
-        "scanner": {"id": "trivy", **tool, "url": "https://github.com/aquasecurity/trivy"},
-        "type": "container_scanning",
-        "start_time": start_time,
-        "end_time": end_time,
-        "status": "success",
-    }
+    scan = _scan_section(report.trivy_version, start_time, end_time, status="success")
     others = sum(1 for finding in report.findings if not finding.is_vulnerability)
     if others:
         scan["messages"] = [
@@ -171,6 +170,31 @@ def _scan(report: Report, start_time: str, end_time: str) -> dict[str, Any]:
             }
         ]
     return scan
+
+
+def _scan_section(
+    trivy_version: str, start_time: str, end_time: str, *, status: str
+) -> dict[str, Any]:
+    vendor = {"name": "Aqua Security"}
+    return {
+        "analyzer": {
+            "id": "orchestrator-pipeline",
+            "name": "orchestrator-pipeline",
+            "version": __version__,
+            "vendor": {"name": "orchestrator-pipeline"},
+        },
+        "scanner": {
+            "id": "trivy",
+            "name": "Trivy",
+            "version": trivy_version or "unknown",
+            "vendor": vendor,
+            "url": "https://github.com/aquasecurity/trivy",
+        },
+        "type": "container_scanning",
+        "start_time": start_time,
+        "end_time": end_time,
+        "status": status,
+    }
 
 
 def _unique(vulnerabilities: Iterator[dict[str, Any]]) -> list[dict[str, Any]]:

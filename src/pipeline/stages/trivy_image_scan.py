@@ -48,7 +48,7 @@ def run(rt: Runtime) -> None:
     start = _utc_now()
     json_path = from_json or _path(rt, settings.json_report)
     if from_json is None:
-        _scan(rt, settings, build, json_path)
+        _scan_or_report_failure(rt, settings, build, json_path, start)
         if rt.dry_run:
             _explain_dry_run(rt, settings, image, json_path)
             return
@@ -64,6 +64,18 @@ def run(rt: Runtime) -> None:
 
 
 # --- running Trivy --------------------------------------------------------------------------
+
+
+def _scan_or_report_failure(
+    rt: Runtime, settings: ScanSettings, build: BuildEnv, output: Path, start: str
+) -> None:
+    """Run the scan; if it cannot run, leave GitLab a report that says so, then fail."""
+    try:
+        _scan(rt, settings, build, output)
+    except ExternalError as exc:
+        document = report.failed_gitlab_report(str(exc), start_time=start, end_time=_utc_now())
+        _write_atomically(_path(rt, settings.gitlab_report), json.dumps(document) + "\n")
+        raise
 
 
 def _scan(rt: Runtime, settings: ScanSettings, build: BuildEnv, output: Path) -> None:
