@@ -461,6 +461,7 @@ def test_settings_shape_the_argv(job: Job) -> None:
         PIPELINE_BUILD_CACHE="false",
         PIPELINE_BUILD_EXTRA_FLAGS="--reproducible --verbosity warn",
     )
+    cached = job.run("--dry-run", PIPELINE_BUILD_CACHE_REPO="shared/layer-cache")
 
     assert done.returncode == 0, done.stderr
     argv = executor_line(done.stderr)
@@ -472,6 +473,11 @@ def test_settings_shape_the_argv(job: Job) -> None:
     assert "--target=web" in argv
     assert "--cache=false" in argv
     assert argv[-2:] == ["--reproducible=true", "--verbosity=warn"]
+    cache_flags = [a for a in executor_line(cached.stderr) if a.startswith("--cache")]
+    assert cache_flags == [
+        "--cache=true",
+        f"--cache-repo={job.env['NEXUS_REGISTRY']}/shared/layer-cache",
+    ]
 
 
 def test_real_run_accepts_every_flag_the_stage_can_emit(job: Job, tmp_path: Path) -> None:

@@ -188,6 +188,7 @@ def require_restore_mode(rt: Runtime, executor: str) -> None:
 
 def _execute(rt: Runtime, build: kaniko.Build, docker_config: Path) -> None:
     if not rt.dry_run:
+        _warn_unless_root()
         for output in (build.digest_file, build.image_name_with_digest_file):
             output.parent.mkdir(parents=True, exist_ok=True)
             output.unlink(missing_ok=True)
@@ -201,6 +202,14 @@ def _execute(rt: Runtime, build: kaniko.Build, docker_config: Path) -> None:
         check_filesystem()
         raise ExternalError(exc.failure.message(run.attempts)) from exc
     check_filesystem()
+
+
+def _warn_unless_root() -> None:
+    if os.geteuid() != 0:
+        log.warn(
+            f"running as uid {os.geteuid()}: Kaniko unpacks images over / and needs uid 0; "
+            "expect permission errors (the runner image runs as root)"
+        )
 
 
 def _refuse_kaniko_dir(rt: Runtime) -> None:
