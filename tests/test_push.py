@@ -426,6 +426,9 @@ def test_without_a_checkout_creation_time_decides_and_says_so(
 def test_an_unknown_commit_falls_back_after_trying_to_fetch_it(
     job: Job, registry_pair: RegistryPair
 ) -> None:
+    token = "job-token-5f3a9c"  # a made-up CI_JOB_TOKEN
+    closed = f"127.0.0.1:{free_port()}"
+    git(job.project, "remote", "add", "origin", f"http://gitlab-ci-token:{token}@{closed}/g/p.git")
     stranger = push_image(job.tmp_path, registry_pair.push, job.repo, "c" * 40)
     ours = push_image(job.tmp_path, registry_pair.push, job.repo, commits(job.project)[1])
     assert job.run(stranger).returncode == 0
@@ -436,6 +439,7 @@ def test_an_unknown_commit_falls_back_after_trying_to_fetch_it(
     assert f"git fetch --no-tags --quiet origin {'c' * 40}" in done.stderr
     assert "is not in the checkout, even after fetching" in done.stderr
     assert manifest_digest(registry_pair.push, job.repo, "latest") == ours.digest
+    assert token not in done.stderr + done.stdout
 
 
 def test_diverged_histories_fall_back_to_creation_time(

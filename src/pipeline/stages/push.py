@@ -19,6 +19,7 @@ what to fix. Under ``--dry-run`` the skopeo commands are printed, not run.
 from __future__ import annotations
 
 import contextlib
+import re
 import shlex
 import shutil
 import tempfile
@@ -346,6 +347,7 @@ class Relation(StrEnum):
 
 
 _DECIDED = (Relation.FORWARD, Relation.BACKWARD)
+_USERINFO = re.compile(r"://[^/@\s]+@")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -362,8 +364,10 @@ class Ancestry:
         """The relation of ``theirs`` (behind the tag) to ``ours``, and a sentence on it."""
         if self.shell.which("git") is None:
             return Relation.UNKNOWN, "git is not on PATH"
-        if self._shallow() is None:
-            return Relation.UNKNOWN, f"{self.cwd} is not a git checkout"
+        probe = self._query(git.is_shallow())
+        if probe.returncode != 0:
+            reason = _first_line(probe.stderr)
+            return Relation.UNKNOWN, f"{self.cwd} is not a git checkout git can read ({reason})"
         relation = self._compare(theirs, ours)
         widenings = self._widenings(theirs, ours)
         while relation not in _DECIDED and (argv := next(widenings, None)) is not None:
@@ -410,9 +414,14 @@ class Ancestry:
         try:
             self.shell.run(argv, cwd=self.cwd, timeout=self.timeout, stream=False, what="git fetch")
         except (CommandError, ExternalError) as exc:
-            log.warn(f"{shlex.join(argv)} failed ({exc}); ordering with the history at hand")
+            reason = _USERINFO.sub("://", str(exc))  # a remote URL may carry a job token
+            log.warn(f"{shlex.join(argv)} failed ({reason}); ordering with the history at hand")
             return False
         return True
+
+
+def _first_line(text: str) -> str:
+    return next((line.strip() for line in text.splitlines() if line.strip()), "no output")
 
 
 def _detail(relation: Relation, theirs: str, ours: str) -> str:
