@@ -41,7 +41,7 @@ STANDIN_DIR = Path(__file__).parent / "standins" / "kaniko"
 EXECUTOR = STANDIN_DIR / "executor"
 SHA = "a1b2c3d4" + "e" * 32
 TAG = "main-a1b2c3d4"
-PLACEHOLDER = "sha256:<digest-of-the-build>"
+PLACEHOLDER = "sha256:<unknown-until-the-executor-pushes>"
 
 
 @dataclass

@@ -38,7 +38,7 @@ DEFAULT_EXECUTOR = Path("/kaniko/executor")
 OUTPUT_DIR = Path(".pipeline") / "build"
 #: Stands in for the digest in the dry-run preview of build.env, shown as PLACEHOLDER_SHOWN.
 PLACEHOLDER_DIGEST = "sha256:" + "0" * 64
-PLACEHOLDER_SHOWN = "sha256:<digest-of-the-build>"  # as pipeline plan/run show it
+PLACEHOLDER_SHOWN = "sha256:<unknown-until-the-executor-pushes>"
 #: Lines of the executor's stdout and of its stderr read to classify a failure.
 TAIL_LINES = 20
 #: What must still be on disk after the executor exits, noted before it starts.
