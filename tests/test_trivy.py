@@ -42,6 +42,7 @@ def full_scan(tmp_path: Path) -> trivy.ImageScan:
         java_db_repository="nexus.example.test:8444/aquasec/trivy-java-db:1",
         skip_db_update=True,
         insecure=True,
+        platform="linux/arm64",
     )
 
 
@@ -85,6 +86,7 @@ def test_argv_carries_each_option(tmp_path: Path) -> None:
     assert value_after(argv, "--ignorefile") == str(tmp_path / ".trivyignore")
     assert value_after(argv, "--db-repository").endswith("/aquasec/trivy-db:2")
     assert value_after(argv, "--java-db-repository").endswith("/aquasec/trivy-java-db:1")
+    assert value_after(argv, "--platform") == "linux/arm64"
     assert {"--ignore-unfixed", "--skip-db-update", "--skip-java-db-update", "--insecure"} <= set(
         argv
     )
@@ -99,6 +101,7 @@ def test_defaults_leave_optional_flags_out(tmp_path: Path) -> None:
         "--java-db-repository",
         "--insecure",
         "--skip-db-update",
+        "--platform",
     ):
         assert flag not in argv
     assert value_after(argv, "--timeout") == "15m"

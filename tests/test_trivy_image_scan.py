@@ -827,3 +827,43 @@ def test_explicit_ignore_file_that_does_not_exist_is_exit_2(tmp_path: Path) -> N
     assert error_lines(done.stderr) == [
         f"pipeline: error: PIPELINE_SCAN_IGNORE_FILE: {tmp_path / 'security/trivyignore'} does not exist"
     ]
+
+
+@pytest.mark.trivy
+@pytest.mark.registry
+@pytest.mark.parametrize(
+    ("platform", "expected"), [("linux/amd64", DEBIAN10_FINDINGS), ("linux/arm64", ALPINE_FINDINGS)]
+)
+def test_multiarch_index_digest_scans_the_chosen_platform(
+    tmp_path: Path, registry_pair: RegistryPair, platform: str, expected: Expected
+) -> None:
+    repo = unique_repo("orchestrator-multiarch")
+    amd64 = oci.write_docker_archive(tmp_path / "amd64.tar", debian10())
+    arm64_spec = oci.ImageSpec(
+        layers=[oci.alpine_rootfs("3.19.1", ALPINE_PACKAGES, architecture="aarch64")],
+        architecture="arm64",
+    )
+    arm64 = oci.write_docker_archive(tmp_path / "arm64.tar", arm64_spec)
+    digest = oci.push_multiarch_index(
+        registry_pair.push,
+        repo,
+        "main-a1b2c3d4",
+        {"linux/amd64": amd64.path, "linux/arm64": arm64.path},
+    )
+    env = scan_env(tmp_path, registry_pair, repo, digest, PIPELINE_SCAN_PLATFORM=platform)
+
+    done = scan(tmp_path, env)
+
+    assert done.returncode == 0, done.stderr
+    assert findings_of(tmp_path / "trivy-report.json") == expected
+
+
+def test_bad_platform_is_exit_2(tmp_path: Path) -> None:
+    env = offline_env(tmp_path, PIPELINE_SCAN_PLATFORM="arm64")
+
+    done = run_cli(["trivy-image-scan", "--execute"], env=env, cwd=tmp_path)
+
+    assert done.returncode == 2
+    assert error_lines(done.stderr) == [
+        "pipeline: error: PIPELINE_SCAN_PLATFORM: must be os/architecture[/variant] like linux/arm64, got 'arm64'"
+    ]

@@ -422,6 +422,7 @@ class ScanSettings(Settings):
     gitlab_report: Path = Path("gl-container-scanning-report.json")
     top_findings: int = Field(10, ge=0, le=1000)
     insecure: bool = False
+    platform: str | None = None
     defectdojo_url: str | None = Field(None, validation_alias="DEFECTDOJO_URL")
     defectdojo_token: SecretStr | None = Field(
         None, validation_alias=AliasChoices("DEFECTDOJO_TOKEN", "DEFECTDOJO_API_KEY")
@@ -455,6 +456,13 @@ class ScanSettings(Settings):
 
         if not TIMEOUT.match(value):
             raise ValueError(f"must be a Go duration like 15m or 1h30m, got {value!r}")
+        return value
+
+    @field_validator("platform")
+    @classmethod
+    def _valid_platform(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"[a-z0-9]+/[a-z0-9_]+(/[a-z0-9]+)?\Z", value):
+            raise ValueError(f"must be os/architecture[/variant] like linux/arm64, got {value!r}")
         return value
 
     @field_validator("defectdojo_url")

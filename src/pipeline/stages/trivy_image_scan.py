@@ -92,6 +92,7 @@ def _scan(rt: Runtime, settings: ScanSettings, build: BuildEnv, output: Path) ->
         java_db_repository=settings.java_db_repository,
         skip_db_update=settings.skip_db_update,
         insecure=settings.insecure,
+        platform=settings.platform,
     )
     if settings.insecure:
         log.warn("PIPELINE_SCAN_INSECURE=true: Trivy skips TLS verification of the registry")

@@ -53,6 +53,7 @@ class ImageScan:
     java_db_repository: str | None = None
     skip_db_update: bool = False
     insecure: bool = False
+    platform: str | None = None
     program: str = "trivy"
 
 
@@ -82,6 +83,9 @@ def _optional(scan: ImageScan) -> list[str]:
         flags += ["--skip-db-update", "--skip-java-db-update"]
     if scan.insecure:
         flags.append("--insecure")
+    if scan.platform:
+        # Only consulted when the digest is an index (a multi-arch build).
+        flags += ["--platform", scan.platform]
     return flags
 
 
