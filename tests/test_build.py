@@ -80,6 +80,8 @@ def job(tmp_path: Path) -> Job:
         "FROM scratch AS runtime\nLABEL team=platform\nCOPY . /app\n"
     )
     (project / "app.txt").write_text("hello from the build context\n")
+    (project / "run.sh").write_text("#!/bin/sh\necho run\n")
+    (project / "run.sh").chmod(0o750)
     docker_config = tmp_path / "docker"
     docker_config.mkdir()
     record = tmp_path / "record.jsonl"
@@ -211,6 +213,7 @@ def test_built_image_holds_the_build_context(registry_job: Job, tls_registry: Re
         member = tar.extractfile("workspace/app.txt")
         assert member is not None
         assert member.read() == b"hello from the build context\n"
+        assert tar.getmember("workspace/run.sh").mode == 0o750
 
 
 @pytest.mark.registry

@@ -46,6 +46,10 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tests.infra.oci import Entry
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[2]
@@ -312,18 +316,22 @@ def check_target(dockerfile: Dockerfile, options: Options) -> None:
             )
 
 
-def context_files(context: Path) -> dict[str, bytes]:
-    files: dict[str, bytes] = {}
+def context_files(context: Path) -> dict[str, Entry]:
+    """The context's regular files (modes kept) under /workspace, as ``tests.infra.oci`` entries."""
+    from tests.infra.oci import File
+
+    files: dict[str, Entry] = {}
     for path in sorted(context.rglob("*")):
         relative = path.relative_to(context)
         if relative.parts[0] == ".git" or not path.is_file() or path.is_symlink():
             continue
-        files[f"workspace/{relative.as_posix()}"] = path.read_bytes()
+        files[f"workspace/{relative.as_posix()}"] = File(
+            path.read_bytes(), path.stat().st_mode & 0o777
+        )
     return files or {"workspace/.empty": b""}
 
 
 def write_image(inputs: Inputs, options: Options, dockerfile: Dockerfile, out: Path) -> Path:
-    sys.path.insert(0, str(REPO))
     from tests.infra.oci import ImageSpec, write_docker_archive
 
     labels = {**dockerfile.labels, **dict(x.partition("=")[::2] for x in options.many("--label"))}
@@ -501,6 +509,7 @@ def build_and_push(options: Options, inputs: Inputs) -> None:
 
 
 def main(argv: Sequence[str]) -> int:
+    sys.path.insert(0, str(REPO))  # tests.infra.oci writes the image
     flavor = os.environ.get("STANDIN_FLAVOR", "fork")
     flags = load_flags(flavor)
     try:
