@@ -12,11 +12,13 @@ image that is not in the registry fails at once.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline import auth, defectdojo, report
@@ -47,13 +49,14 @@ def run(rt: Runtime) -> None:
 
     start = _utc_now()
     json_path = from_json or _path(rt, settings.json_report)
-    if from_json is None:
-        _scan_or_report_failure(rt, settings, build, json_path, start)
-        if rt.dry_run:
-            _explain_dry_run(rt, settings, image, json_path)
-            return
+    with _failure_reported(rt, settings, start):
+        if from_json is None:
+            _scan(rt, settings, build, json_path)
+            if rt.dry_run:
+                _explain_dry_run(rt, settings, image, json_path)
+                return
+        scanned = _load(json_path, from_trivy=from_json is None)
 
-    scanned = _load(json_path, from_trivy=from_json is None)
     _log_summary(scanned, image, settings.top_findings)
     if rt.dry_run:
         _explain_dry_run(rt, settings, image, None)
@@ -66,21 +69,33 @@ def run(rt: Runtime) -> None:
 # --- running Trivy --------------------------------------------------------------------------
 
 
-def _scan_or_report_failure(
-    rt: Runtime, settings: ScanSettings, build: BuildEnv, output: Path, start: str
-) -> None:
-    """Run the scan; if it cannot run, leave GitLab a report that says so, then fail."""
+@contextlib.contextmanager
+def _failure_reported(rt: Runtime, settings: ScanSettings, start: str) -> Iterator[None]:
+    """If the scan cannot run or its output cannot be read, leave GitLab a report saying so."""
     try:
-        _scan(rt, settings, build, output)
+        yield
     except ExternalError as exc:
-        document = report.failed_gitlab_report(str(exc), start_time=start, end_time=_utc_now())
-        _write_atomically(_path(rt, settings.gitlab_report), json.dumps(document) + "\n")
+        if not rt.dry_run:
+            document = report.failed_gitlab_report(str(exc), start_time=start, end_time=_utc_now())
+            _write_atomically(_path(rt, settings.gitlab_report), json.dumps(document) + "\n")
         raise
 
 
 def _scan(rt: Runtime, settings: ScanSettings, build: BuildEnv, output: Path) -> None:
-    scan = trivy.ImageScan(
-        image=build.pull_ref,
+    scan = _image_scan(rt, settings, build.pull_ref, output)
+    if settings.insecure:
+        log.warn("PIPELINE_SCAN_INSECURE=true: Trivy skips TLS verification of the registry")
+    if not rt.dry_run:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.unlink(missing_ok=True)  # never parse a report left by an earlier run
+        scan.cache_dir.mkdir(parents=True, exist_ok=True)
+    with log.step("trivy image scan"), auth.docker_config(rt) as docker_config:
+        _run_trivy(rt, scan, _trivy_env(rt, docker_config))
+
+
+def _image_scan(rt: Runtime, settings: ScanSettings, image: str, output: Path) -> trivy.ImageScan:
+    return trivy.ImageScan(
+        image=image,
         output=output,
         cache_dir=_path(rt, settings.cache_dir),
         severities=tuple(settings.severity.split(",")),
@@ -94,27 +109,19 @@ def _scan(rt: Runtime, settings: ScanSettings, build: BuildEnv, output: Path) ->
         insecure=settings.insecure,
         platform=settings.platform,
     )
-    if settings.insecure:
-        log.warn("PIPELINE_SCAN_INSECURE=true: Trivy skips TLS verification of the registry")
-    if not rt.dry_run:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.unlink(missing_ok=True)  # never parse a report left by an earlier run
-        scan.cache_dir.mkdir(parents=True, exist_ok=True)
-    with log.step("trivy image scan"), auth.docker_config(rt) as docker_config:
-        try:
-            rt.shell.run(
-                trivy.image_argv(scan),
-                env=_trivy_env(rt, docker_config),
-                classify=classify_scan_error,
-                what="trivy image",
-            )
-        except CommandError as exc:
-            if image_missing(exc.stderr_tail):
-                raise ExternalError(
-                    f"{build.pull_ref} is not in the pull registry (manifest unknown): "
-                    "check IMAGE_DIGEST in build.env and that the build pushed it"
-                ) from None
-            raise
+
+
+def _run_trivy(rt: Runtime, scan: trivy.ImageScan, env: dict[str, str]) -> None:
+    argv = trivy.image_argv(scan)
+    try:
+        rt.shell.run(argv, env=env, classify=classify_scan_error, what="trivy image")
+    except CommandError as exc:
+        if image_missing(exc.stderr_tail):
+            raise ExternalError(
+                f"{scan.image} is not in the pull registry (manifest unknown): "
+                "check IMAGE_DIGEST in build.env and that the build pushed it"
+            ) from None
+        raise
 
 
 def classify_scan_error(error: BaseException) -> str | None:
@@ -161,14 +168,18 @@ def _checked_ignorefile(rt: Runtime, settings: ScanSettings) -> Path | None:
         raise UsageError(f"{path}: cannot read the ignore file: {exc}") from None
     except ValueError as exc:
         raise UsageError(f"{path} {exc}") from None
+    _warn_expired(path, entries)
+    log.info(f"ignore file: {path} ({len(entries)} entries)")
+    return path
+
+
+def _warn_expired(path: Path, entries: tuple[trivy.IgnoreEntry, ...]) -> None:
     today = datetime.datetime.now(datetime.UTC).date()
     for entry in entries:
         if entry.expires is not None and entry.expires < today:
             log.warn(
                 f"{path} line {entry.line}: {entry.id} expired on {entry.expires}; it no longer applies"
             )
-    log.info(f"ignore file: {path} ({len(entries)} entries)")
-    return path
 
 
 # --- reports ----------------------------------------------------------------------------------
@@ -209,7 +220,7 @@ def _log_summary(scanned: trivy.Report, image: report.ScannedImage, top: int) ->
 
 def _apply_policy(scanned: trivy.Report, threshold: str | None) -> None:
     if threshold is None:
-        log.info("policy: off (PIPELINE_SCAN_FAIL_ON unset): findings are reported only")
+        log.info("policy: off (PIPELINE_SCAN_FAIL_ON=off): findings are reported only")
         return
     failing = report.breaking(scanned.findings, threshold)
     if failing:
