@@ -867,3 +867,16 @@ def test_bad_platform_is_exit_2(tmp_path: Path) -> None:
     assert error_lines(done.stderr) == [
         "pipeline: error: PIPELINE_SCAN_PLATFORM: must be os/architecture[/variant] like linux/arm64, got 'arm64'"
     ]
+
+
+def test_non_json_output_of_trivy_itself_is_an_external_failure(tmp_path: Path) -> None:
+    from pipeline.errors import ExternalError
+    from pipeline.stages.trivy_image_scan import _load
+
+    output = tmp_path / "trivy-report.json"
+    output.write_bytes(b"panic: runtime error\n")
+
+    with pytest.raises(ExternalError, match=f"Trivy report {output}: not JSON") as caught:
+        _load(output, from_trivy=True)
+
+    assert caught.value.exit_code == 4
