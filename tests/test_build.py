@@ -483,6 +483,18 @@ def test_settings_shape_the_argv(job: Job) -> None:
     ]
 
 
+def test_secret_looking_build_arg_is_warned_about(job: Job) -> None:
+    done = job.run("--dry-run", PIPELINE_BUILD_ARGS="VERSION=1 NPM_TOKEN=abc123")
+
+    assert done.returncode == 0, done.stderr
+    warnings = [line for line in done.stderr.splitlines() if "looks like a secret" in line]
+    assert warnings == [
+        "pipeline: warning: PIPELINE_BUILD_ARGS: NPM_TOKEN looks like a secret; build args are "
+        "kept in the image's history for anyone who can pull it: pass secrets with --secret "
+        "(PIPELINE_BUILD_EXTRA_FLAGS) and RUN --mount=type=secret instead"
+    ]
+
+
 def test_real_run_accepts_every_flag_the_stage_can_emit(job: Job, tmp_path: Path) -> None:
     ca = tmp_path / "ca.pem"
     ca.write_text("not checked before the push\n")

@@ -233,6 +233,19 @@ def test_parse_build_args(text: str, expected: tuple[str, ...]) -> None:
     assert kaniko.parse_build_args(text) == expected
 
 
+def test_secret_looking_build_args() -> None:
+    args = (
+        "NPM_TOKEN=x",
+        "DB_PASSWORD=y",
+        "api_key=z",
+        "VERSION=1",
+        "PYPI_SECRET=s",
+        "KEYBOARD=us",
+    )
+
+    assert kaniko.secret_looking(args) == ("NPM_TOKEN", "DB_PASSWORD", "api_key", "PYPI_SECRET")
+
+
 @pytest.mark.parametrize("bad", ["TOKEN", "=value", "1ABC=x", "A-B=1", "A=1 SECRET"])
 def test_parse_build_args_refuses_malformed_items(bad: str) -> None:
     with pytest.raises(ValueError, match="is not KEY=VALUE"):

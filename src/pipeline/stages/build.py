@@ -54,6 +54,7 @@ def run(rt: Runtime) -> None:
     with log.step("plan the build"):
         plan = rt.plan
         build = plan_build(rt, plan)
+        _warn_secret_build_args(build)
         _refuse_kaniko_dir(rt)
         require_restore_mode(rt, build.executor)
         preview = _build_env(rt, plan, PLACEHOLDER_DIGEST)
@@ -134,6 +135,15 @@ def _labels(rt: Runtime, plan: TagPlan) -> tuple[tuple[str, str], ...]:
         ref_name=plan.ref_name,
         title=rt.context.project_name,
     )
+
+
+def _warn_secret_build_args(build: kaniko.Build) -> None:
+    for key in kaniko.secret_looking(build.build_args):
+        log.warn(
+            f"PIPELINE_BUILD_ARGS: {key} looks like a secret; build args are kept in the image's "
+            "history for anyone who can pull it: pass secrets with --secret "
+            "(PIPELINE_BUILD_EXTRA_FLAGS) and RUN --mount=type=secret instead"
+        )
 
 
 def _certificates(registry: RegistrySettings) -> tuple[tuple[str, Path], ...]:

@@ -25,6 +25,7 @@ from pathlib import Path
 RESTORE_FLAGS = ("--pre-cleanup", "--preserve-context", "--cleanup")
 LABEL_PREFIX = "org.opencontainers.image."
 DIGEST = re.compile(r"sha256:[0-9a-f]{64}\Z")
+_SECRET_KEY = re.compile(r"PASS|SECRET|TOKEN|CREDENTIAL|PRIVATE|API_?KEY", re.IGNORECASE)
 BUILD_ARG = re.compile(r"(?P<key>[A-Za-z_][A-Za-z0-9_]*)=(?P<value>.*)\Z", re.DOTALL)
 
 
@@ -186,6 +187,12 @@ def parse_build_args(text: str) -> tuple[str, ...]:
                 "read the value from the job's environment, which the build refuses)"
             )
     return args
+
+
+def secret_looking(build_args: tuple[str, ...]) -> tuple[str, ...]:
+    """Keys of build args named like credentials (their values end up in the image history)."""
+    keys = (arg.partition("=")[0] for arg in build_args)
+    return tuple(key for key in keys if _SECRET_KEY.search(key))
 
 
 def parse_extra_flags(text: str) -> tuple[str, ...]:
