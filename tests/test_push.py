@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import io
+import json
 import subprocess
+import tarfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -51,11 +55,45 @@ def spec_for(commit: str, **options: str) -> ImageSpec:
     return ImageSpec(layers=[{"app/commit": commit.encode()}], labels={REVISION: commit}, **options)
 
 
-def push_image(tmp_path: Path, registry: Registry, repo: str, commit: str, tag: str = "") -> Built:
+def push_image(
+    tmp_path: Path, registry: Registry, repo: str, commit: str, *, tag: str = "", created: str = ""
+) -> Built:
+    """Write and push an image labelled with ``commit`` (``created`` overrides its date)."""
     tag = tag or f"main-{commit[:8]}"
-    archive = write_docker_archive(tmp_path / f"{repo}-{tag}.tar", spec_for(commit))
-    digest = skopeo_copy_archive(archive.path, f"{repo}:{tag}", registry=registry)
+    archive = write_docker_archive(tmp_path / f"{repo}-{tag}.tar", spec_for(commit)).path
+    if created:
+        archive = dated(archive, created)
+    digest = skopeo_copy_archive(archive, f"{repo}:{tag}", registry=registry)
     return Built(tag=tag, digest=digest, commit=commit)
+
+
+def dated(archive: Path, created: str) -> Path:
+    """A copy of a docker-archive whose config says it was created at ``created``."""
+    out = archive.with_name(f"{archive.stem}-dated.tar")
+    with tarfile.open(archive) as source, tarfile.open(out, "w") as target:
+        manifest = json.loads(member_bytes(source, "manifest.json"))
+        config = json.loads(member_bytes(source, manifest[0]["Config"]))
+        skipped = {"manifest.json", manifest[0]["Config"]}
+        for member in source.getmembers():
+            if member.name not in skipped:
+                target.addfile(member, source.extractfile(member) if member.isfile() else None)
+        config_bytes = json.dumps({**config, "created": created}).encode()
+        manifest[0]["Config"] = f"{hashlib.sha256(config_bytes).hexdigest()}.json"
+        add_member(target, manifest[0]["Config"], config_bytes)
+        add_member(target, "manifest.json", json.dumps(manifest).encode())
+    return out
+
+
+def member_bytes(tar: tarfile.TarFile, name: str) -> bytes:
+    stream = tar.extractfile(name)
+    assert stream is not None, name
+    return stream.read()
+
+
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
 
 
 def write_build_env(
@@ -172,7 +210,9 @@ def test_promotes_by_digest_and_waits_for_the_pull_registry(
 
 
 def test_every_moving_tag_is_promoted(job: Job, registry_pair: RegistryPair) -> None:
-    built = push_image(job.tmp_path, registry_pair.push, job.repo, commits(job.project)[1], "1.2.3")
+    built = push_image(
+        job.tmp_path, registry_pair.push, job.repo, commits(job.project)[1], tag="1.2.3"
+    )
     build_env = job.build_env(built, moving=("stable", "latest"))
     env = job_env(job.project, build_env, push=job.push_host, pull=job.pull_host)
 
@@ -421,6 +461,27 @@ def test_without_a_checkout_creation_time_decides_and_says_so(
     assert "ancestry cannot order the two images; comparing their creation times" in done.stderr
     # tests.infra.oci gives every image the same creation time: not after, so it moves.
     assert manifest_digest(registry_pair.push, job.repo, "latest") == second.digest
+
+
+def test_creation_time_keeps_a_newer_image_when_ancestry_is_unknown(
+    job: Job, registry_pair: RegistryPair
+) -> None:
+    elsewhere = job.tmp_path / "no-checkout"
+    elsewhere.mkdir()
+    newer = push_image(
+        job.tmp_path, registry_pair.push, job.repo, "a" * 40, created="2030-01-01T00:00:00Z"
+    )
+    older = push_image(job.tmp_path, registry_pair.push, job.repo, "b" * 40)
+    assert job.run(newer, project=elsewhere).returncode == 0
+
+    done = job.run(older, project=elsewhere)
+
+    assert done.returncode == 0, done.stderr
+    assert "comparing their creation times" in done.stderr
+    assert "not moving latest: it holds an image created 2030-01-01 00:00:00+00:00, after" in (
+        done.stderr
+    )
+    assert manifest_digest(registry_pair.push, job.repo, "latest") == newer.digest
 
 
 def test_an_unknown_commit_falls_back_after_trying_to_fetch_it(
