@@ -79,9 +79,9 @@ class Session:
 
     def failure(self) -> str:
         """``step: text`` of the first failed step, or the last step begun."""
-        failed = [m for m in self.markers if m.status == "fail"]
+        failed = [f"{m.step}: {m.text}" for m in self.markers if m.status == "fail"]
         if failed:
-            return f"{failed[0].step}: {failed[0].text}"
+            return "; then ".join(failed)
         return f"{ssh.last_step(self.markers) or 'connect'}: did not finish"
 
     def running(self) -> str:

@@ -59,9 +59,13 @@ break_if_stale() {
   age=$(age_of "$LOCK")
   if [ "$age" -ge "$STALE" ]; then
     mark lock warn "breaking a stale deploy lock (no heartbeat for ${age}s): $(holder)"
-    rm -rf "$LOCK"
+    rm -rf "$LOCK" 2>/dev/null
   fi
   rmdir "$LOCK.break"
+  if [ -d "$LOCK" ] && [ "$(age_of "$LOCK")" -ge "$STALE" ]; then
+    mark lock fail "cannot remove the stale lock $DEPLOY_DIR/$LOCK as $(id -un): remove it by hand"
+    exit 66
+  fi
 }
 
 lock_take() {
@@ -298,4 +302,18 @@ deploy_recover() {
   while [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; do lock_beat; sleep 1; done
   mark recover ok "the interrupted session has ended"
   deploy_rollback
+}
+
+# --- running an entry point --------------------------------------------------------------
+
+# Every line goes through this relay, which ignores write errors: when the connection
+# drops, the relay keeps reading, so docker and compose never get EPIPE halfway.
+relay() { while IFS= read -r line; do printf '%s\n' "$line" 2>/dev/null; done; }
+
+main() {
+  status_file=$(mktemp) || { mark start fail "mktemp failed on the server"; exit 1; }
+  { ("$1"); echo "$?" > "$status_file"; } 2>&1 | relay
+  status=$(cat "$status_file")
+  rm -f "$status_file"
+  exit "${status:-1}"
 }

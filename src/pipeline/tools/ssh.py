@@ -268,7 +268,7 @@ def remote_script(plan: RemotePlan, phase: str) -> str:
     """The script for one session: quoted values, the shell library, then ``phase``."""
     if not phase.isidentifier() or phase not in vars(Phase).values():
         raise InvalidValueError(f"unknown phase {phase!r}")
-    return "\n".join([*_prelude(plan), _library(), _login_function(plan), f"{phase}\n"])
+    return "\n".join([*_prelude(plan), _library(), _login_function(plan), f"main {phase}\n"])
 
 
 def _prelude(plan: RemotePlan) -> Iterator[str]:
@@ -309,7 +309,8 @@ def _login_function(plan: RemotePlan) -> str:
         raise InvalidValueError("the registry password holds the here-document delimiter")
     return (
         "registry_login() {\n"
-        f"  docker login --username {shlex.quote(plan.registry_user)} --password-stdin "
+        '  DOCKER_CONFIG="$PULL_CONFIG" docker login '
+        f"--username {shlex.quote(plan.registry_user)} --password-stdin "
         f"\"$REGISTRY\" >/dev/null <<'{delimiter}'\n"
         f"{plan.registry_password}\n"
         f"{delimiter}\n"
