@@ -10,17 +10,29 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from pipeline import artifact
-from pipeline.commands.run import PLACEHOLDER_DIGEST, PLACEHOLDER_LABEL
+from pipeline.cli import BASE_SETTINGS
+from pipeline.commands.run import MODULES, PLACEHOLDER_DIGEST, PLACEHOLDER_LABEL
 from pipeline.retry import RetryPolicy, classify_text
+from pipeline.runtime import Runtime
+from pipeline.settings import load
 from pipeline.shell import Call, Shell
 from tests.clirun import base_env, run_cli
 from tests.gitrepo import git, make_repo
+from tests.infra.devserver import DevServer, ServiceImage, push_service_image
+from tests.infra.ports import free_port
+from tests.infra.registry import Registry, manifest_digest
+
+TRIVY_DB = Path("/work/shared/reference/trivy-db")
 
 STAGE_NAMES = ["build", "push", "trivy-image-scan", "deploy-dev"]
 FAST = RetryPolicy(attempts=3, budget_seconds=30, initial_seconds=0.01, max_seconds=0.02)
@@ -170,3 +182,183 @@ def test_plan_in_gitlab_ci_is_still_a_dry_run_and_runs_nothing(
     )
     assert actions(data, "push") == []  # a feature branch has no moving tag
     assert "s3cret-pa55" not in done.stdout + done.stderr
+
+
+# --- the dry-run asks for exactly what the real run does ------------------------------------
+#
+# Each stage runs twice in this process on the same inputs: under dry-run, then for
+# real against real components (the Kaniko stand-in, a real registry, real Trivy,
+# the sshd + podman DEV server). The commands each asks the shell for must be the
+# same list. Two things differ between any two runs and are renamed, nothing else:
+# the fresh temporary directories of a run (by order of first appearance) and the
+# build's creation time label (the clock).
+
+TEMP_DIR = re.compile(r"/tmp/pipeline-[a-z]+-[A-Za-z0-9_]+")
+CREATED = re.compile(r"(org\.opencontainers\.image\.created=)\S+")
+SHA = "a1b2c3d4" + "e" * 32
+EXECUTOR = Path(__file__).parent / "standins" / "kaniko" / "executor"
+
+
+def normalised(calls: list[Call]) -> list[tuple[str, ...]]:
+    """The commands a stage asked to run (queries left out), run-specific names renamed."""
+    names: dict[str, str] = {}
+
+    def rename(match: re.Match[str]) -> str:
+        return names.setdefault(match.group(0), f"<tmp{len(names) + 1}>")
+
+    return [
+        tuple(CREATED.sub(r"\1<time>", TEMP_DIR.sub(rename, arg)) for arg in call.argv)
+        for call in calls
+        if not call.query
+    ]
+
+
+def stage_history(stage: str, env: dict[str, str], cwd: Path, *, dry_run: bool) -> list[Call]:
+    """Run one stage in this process the way the command line does; its shell's history."""
+    module = MODULES[stage]
+    assert module is not None, f"stage {stage} is not built"
+    loaded = load(tuple(dict.fromkeys((*BASE_SETTINGS, *module.SETTINGS))), env)
+    shell = Shell(dry_run=dry_run, policy=FAST, base_env=env)
+    rt = Runtime(command=stage, dry_run=dry_run, environ=env, shell=shell, cwd=cwd, loaded=loaded)
+    module.run(rt)
+    return shell.history
+
+
+def assert_dry_run_equals_real_run(stage: str, env: dict[str, str], cwd: Path) -> None:
+    planned = normalised(stage_history(stage, env, cwd, dry_run=True))
+    done = normalised(stage_history(stage, env, cwd, dry_run=False))
+    assert planned, f"{stage}: the dry-run asked for no command"
+    assert planned == done
+
+
+def job_env(project: Path, registry: Registry, image: str, **extra: str) -> dict[str, str]:
+    """A default-branch job's environment; the registry serves as push and pull registry."""
+    docker_config = project.parent / "docker"
+    docker_config.mkdir(exist_ok=True)
+    return base_env(
+        GITLAB_CI="true",
+        CI_COMMIT_SHA=SHA,
+        CI_COMMIT_BRANCH="main",
+        CI_DEFAULT_BRANCH="main",
+        CI_PROJECT_NAME="service",
+        CI_PROJECT_DIR=str(project),
+        NEXUS_REGISTRY=registry.host,
+        NEXUS_REGISTRY_PULL=registry.host,
+        NEXUS_IMAGE_NAME=image,
+        DOCKER_CONFIG=str(docker_config),
+        PIPELINE_RETRY_ATTEMPTS="1",
+        PIPELINE_REGISTRY_TLS_VERIFY="false",
+        **extra,
+    )
+
+
+def built(project: Path, registry: Registry, image: ServiceImage) -> None:
+    """The build.env the build stage would have written for ``image``."""
+    artifact.write(
+        project / "build.env",
+        artifact.make(
+            image_tag=image.tag,
+            digest=image.digest,
+            push_repository=f"{registry.host}/{image.repo}",
+            pull_repository=f"{registry.host}/{image.repo}",
+            immutable_tags=(image.tag,),
+            moving_tags=("latest",),
+            commit_sha=SHA,
+        ),
+    )
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    path = tmp_path / "project"
+    path.mkdir()
+    (path / "Dockerfile").write_text("FROM scratch\nCOPY . /app\n")
+    (path / "app.txt").write_text("hello\n")
+    return path
+
+
+@pytest.fixture
+def service(project: Path, registry: Registry, repo: str) -> ServiceImage:
+    """A healthy service image pushed as the build would have, and its build.env."""
+    image = push_service_image(registry, repo, "main-a1b2c3d4", version="v1", workdir=project)
+    built(project, registry, image)
+    return image
+
+
+@pytest.mark.registry
+def test_build_dry_run_equals_its_real_run(project: Path, registry: Registry, repo: str) -> None:
+    env = job_env(
+        project,
+        registry,
+        repo,
+        PIPELINE_BUILD_EXECUTOR=str(EXECUTOR),
+        PIPELINE_BUILD_EXTRA_FLAGS="--insecure",
+        STANDIN_PYTHON=sys.executable,
+    )
+    assert_dry_run_equals_real_run("build", env, project)
+    assert (project / "build.env").is_file()
+
+
+@pytest.mark.registry
+def test_push_dry_run_equals_its_real_run(
+    project: Path, registry: Registry, service: ServiceImage
+) -> None:
+    env = job_env(project, registry, service.repo)
+    assert_dry_run_equals_real_run("push", env, project)
+    assert manifest_digest(registry, service.repo, "latest") == service.digest
+
+
+@pytest.mark.registry
+@pytest.mark.trivy
+def test_scan_dry_run_equals_its_real_run(
+    project: Path, registry: Registry, service: ServiceImage
+) -> None:
+    cache = project.parent / "trivy-cache"
+    (cache / "db").mkdir(parents=True)
+    for name in ("trivy.db", "metadata.json"):
+        shutil.copyfile(TRIVY_DB / name, cache / "db" / name)
+    env = job_env(
+        project,
+        registry,
+        service.repo,
+        PIPELINE_SCAN_INSECURE="true",
+        PIPELINE_SCAN_CACHE_DIR=str(cache),
+        PIPELINE_SCAN_SKIP_DB_UPDATE="true",
+    )
+    assert_dry_run_equals_real_run("trivy-image-scan", env, project)
+    assert (project / "gl-container-scanning-report.json").is_file()
+
+
+@pytest.fixture
+def dev_server_registries(registry: Registry) -> Sequence[str]:
+    return [registry.host]
+
+
+@pytest.mark.registry
+@pytest.mark.devserver
+@pytest.mark.xfail(
+    reason="deploy-dev's dry-run leaves out the closing `ssh -O exit` the real run sends "
+    "(stages/deploy_dev.py _connected skips it under dry-run instead of letting the shell print it)",
+    strict=True,
+)
+def test_deploy_dry_run_equals_its_real_run(
+    project: Path, registry: Registry, service: ServiceImage, dev_server: DevServer
+) -> None:
+    web_port = free_port()
+    dev_server.write_compose_project(web_port=web_port)
+    env = job_env(
+        project,
+        registry,
+        service.repo,
+        DEV_SERVER_IP=dev_server.host,
+        SSH_PORT=str(dev_server.port),
+        SSH_USER=dev_server.user,
+        SSH_PRIVATE_KEY=dev_server.private_key_pem,
+        SSH_KNOWN_HOSTS=dev_server.known_hosts_line,
+        PIPELINE_DEPLOY_DIR=str(dev_server.deploy_dir),
+        PIPELINE_DEPLOY_HEALTH_URL=f"http://127.0.0.1:{web_port}/health",
+        PIPELINE_DEPLOY_HEALTH_TRIES="10",
+        PIPELINE_DEPLOY_HEALTH_INTERVAL="0.5",
+    )
+    assert_dry_run_equals_real_run("deploy-dev", env, project)
+    assert dev_server.running_image("web") == service.ref_by_digest
