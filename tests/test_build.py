@@ -495,6 +495,52 @@ def test_secret_looking_build_arg_is_warned_about(job: Job) -> None:
     ]
 
 
+def test_inputs_kaniko_may_delete_are_warned_about(job: Job, tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("CA\n")
+
+    done = job.run("--dry-run", PIPELINE_REGISTRY_CA_FILE=str(ca))
+
+    assert done.returncode == 0, done.stderr
+    for what, path in (
+        ("DOCKER_CONFIG (registry credentials)", job.docker_config),
+        ("PIPELINE_REGISTRY_CA_FILE", ca),
+    ):
+        assert (
+            f"pipeline: warning: {what} {path} is outside /kaniko and the project directory: "
+            "Kaniko's --pre-cleanup may delete it before the build pulls base images; keep it "
+            "under /kaniko (as the runner image does) or on a mount"
+        ) in done.stderr.splitlines()
+
+
+def test_inputs_under_the_project_are_not_warned_about(job: Job) -> None:
+    (job.project / "image").mkdir()
+    (job.project / "image" / "Dockerfile").write_text("FROM scratch\n")
+    outside_context = job.project / ".docker"
+    outside_context.mkdir()
+
+    done = job.run("--dry-run", DOCKER_CONFIG=str(outside_context), PIPELINE_BUILD_CONTEXT="image")
+
+    assert done.returncode == 0, done.stderr
+    assert "--pre-cleanup may delete it" not in done.stderr
+
+
+def test_credentials_inside_the_build_context_are_refused(job: Job) -> None:
+    inside = job.project / ".docker"
+    inside.mkdir()
+
+    done = job.run(DOCKER_CONFIG=str(inside))
+
+    assert done.returncode == 2
+    assert only_error(done) == (
+        f"pipeline: error: DOCKER_CONFIG: {inside} is inside the build context "
+        f"{job.project.resolve()}: a COPY of the context would put the registry credentials "
+        "into the image; use a directory outside it (the runner image uses /kaniko/.docker)"
+    )
+    assert job.attempts() == []
+    assert not (inside / "config.json").exists()
+
+
 def test_real_run_accepts_every_flag_the_stage_can_emit(job: Job, tmp_path: Path) -> None:
     ca = tmp_path / "ca.pem"
     ca.write_text("not checked before the push\n")

@@ -33,7 +33,8 @@ T = TypeVar("T")
 
 SETTINGS: tuple[type[Settings], ...] = (BuildSettings, VaultSettings)
 
-DEFAULT_EXECUTOR = Path("/kaniko/executor")
+KANIKO_DIR = Path("/kaniko")
+DEFAULT_EXECUTOR = KANIKO_DIR / "executor"
 #: Where the executor writes its digest files, under the project directory (a mount).
 OUTPUT_DIR = Path(".pipeline") / "build"
 #: Stands in for the digest in the dry-run preview of build.env, shown as PLACEHOLDER_SHOWN.
@@ -56,6 +57,7 @@ def run(rt: Runtime) -> None:
         build = plan_build(rt, plan)
         _warn_secret_build_args(build)
         _refuse_kaniko_dir(rt)
+        _refuse_credentials_in_context(rt, build)
         require_restore_mode(rt, build.executor)
         preview = _build_env(rt, plan, PLACEHOLDER_DIGEST)
         artifact.render(preview)  # the same code writes build.env once the executor is done
@@ -203,6 +205,9 @@ def _execute(rt: Runtime, build: kaniko.Build, docker_config: Path) -> None:
             output.parent.mkdir(parents=True, exist_ok=True)
             output.unlink(missing_ok=True)
     log.info(f"executor environment: DOCKER_CONFIG={docker_config}")
+    _warn_unprotected(rt, docker_config, "DOCKER_CONFIG (registry credentials)")
+    for _, certificate in build.registry_certificates[:1]:
+        _warn_unprotected(rt, certificate, "PIPELINE_REGISTRY_CA_FILE")
     run = _ExecutorRun(rt=rt, argv=kaniko.build_argv(build), docker_config=docker_config)
     try:
         call_with_retry(
@@ -212,6 +217,28 @@ def _execute(rt: Runtime, build: kaniko.Build, docker_config: Path) -> None:
         check_filesystem()
         raise ExternalError(exc.failure.message(run.attempts)) from exc
     check_filesystem()
+
+
+def _refuse_credentials_in_context(rt: Runtime, build: kaniko.Build) -> None:
+    """Before any credentials are written: never where a COPY would take them into the image."""
+    docker_config = rt.settings(VaultSettings).docker_config
+    if docker_config is not None and docker_config.resolve().is_relative_to(build.context):
+        raise UsageError(
+            f"DOCKER_CONFIG: {docker_config} is inside the build context {build.context}: a "
+            "COPY of the context would put the registry credentials into the image; use a "
+            "directory outside it (the runner image uses /kaniko/.docker)"
+        )
+
+
+def _warn_unprotected(rt: Runtime, path: Path, what: str) -> None:
+    """In a job, say so when an input lives where Kaniko's --pre-cleanup may delete it."""
+    kept = (KANIKO_DIR, rt.project_dir.resolve())
+    if rt.context.in_ci and not any(path.resolve().is_relative_to(root) for root in kept):
+        log.warn(
+            f"{what} {path} is outside {KANIKO_DIR} and the project directory: Kaniko's "
+            "--pre-cleanup may delete it before the build pulls base images; keep it under "
+            "/kaniko (as the runner image does) or on a mount"
+        )
 
 
 def _warn_unless_root() -> None:
