@@ -55,10 +55,7 @@ def run(rt: Runtime) -> None:
     with log.step("plan the build"):
         plan = rt.plan
         build = plan_build(rt, plan)
-        _warn_secret_build_args(build)
-        _refuse_kaniko_dir(rt)
-        _refuse_credentials_in_context(rt, build)
-        require_restore_mode(rt, build.executor)
+        _check(rt, build)
         preview = _build_env(rt, plan, PLACEHOLDER_DIGEST)
         artifact.render(preview)  # the same code writes build.env once the executor is done
     with auth.docker_config(rt) as docker_config, log.step("build and push with kaniko"):
@@ -156,6 +153,14 @@ def _certificates(registry: RegistrySettings) -> tuple[tuple[str, Path], ...]:
         raise UsageError(f"PIPELINE_REGISTRY_CA_FILE: {registry.ca_file} does not exist")
     hosts = dict.fromkeys((registry.registry, registry.registry_pull))
     return tuple((host, registry.ca_file.resolve()) for host in hosts)
+
+
+def _check(rt: Runtime, build: kaniko.Build) -> None:
+    """Refusals and warnings, before any credentials are written or the executor runs."""
+    _warn_secret_build_args(build)
+    _refuse_kaniko_dir(rt)
+    _refuse_credentials_in_context(rt, build)
+    require_restore_mode(rt, build.executor)
 
 
 # --- the executor -----------------------------------------------------------------------
