@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import CommandError, ExternalError, ToolMissingError
+from pipeline.errors import CommandError, ExternalError, InterruptError, ToolMissingError
 from pipeline.log import log
 from pipeline.retry import RetryPolicy, classify_text
 from pipeline.shell import Shell
@@ -172,8 +172,11 @@ def test_sigterm_is_forwarded_to_the_child(bin_dir: Path, tmp_path: Path) -> Non
     timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM))
     timer.start()
     started = time.monotonic()
-    with pytest.raises(CommandError, match="exited with 143"):
+    with pytest.raises(
+        InterruptError, match=r"^interrupted by SIGTERM; waiter was stopped \(exit 143\)$"
+    ) as info:
         shell(bin_dir).run(["waiter"])
+    assert info.value.exit_code == 130
     timer.join()
     assert got.read_text().strip() == "TERM"
     assert time.monotonic() - started < 4

@@ -19,7 +19,7 @@ from types import FrameType
 
 import sh
 
-from pipeline.errors import CommandError, ExternalError, ToolMissingError
+from pipeline.errors import CommandError, ExternalError, InterruptError, ToolMissingError
 from pipeline.log import log
 from pipeline.retry import Classifier, RetryPolicy, call_with_retry, never
 
@@ -178,13 +178,17 @@ def _run_once(call: _Invocation) -> Result:
             _encoding="utf-8",
             _decode_errors="replace",
         )
-        with _forwarding_signals(running):
+        forwarding = _forwarding_signals(running)
+        with forwarding:
             running.wait()
         code = int(running.exit_code)
     except sh.TimeoutException as exc:
         raise ExternalError(f"{call.argv[0]} did not finish within {call.timeout:g}s") from exc
     except sh.SignalException as exc:
         code = int(exc.exit_code)
+    if forwarding.received is not None:
+        name = signal.Signals(forwarding.received).name
+        raise InterruptError(f"interrupted by {name}; {call.argv[0]} was stopped (exit {code})")
 
     if not call.stream:
         out.append(running.stdout.decode("utf-8", "replace"))
@@ -201,9 +205,12 @@ class _forwarding_signals:  # noqa: N801 - used as a statement-like context mana
     def __init__(self, running: sh.RunningCommand) -> None:
         self.running = running
         self.saved: dict[int, object] = {}
+        #: The signal that was passed on, if any: the run is then interrupted, not failed.
+        self.received: int | None = None
 
     def __enter__(self) -> None:
         def forward(signum: int, _frame: FrameType | None) -> None:
+            self.received = signum
             self.running.process.signal(signum)
 
         for signum in _FORWARDED_SIGNALS:
