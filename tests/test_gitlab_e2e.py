@@ -45,6 +45,7 @@ from tests.infra.ports import free_port, loopback_opener
 from tests.infra.registry import (
     Registry,
     RegistryPair,
+    get_config,
     list_tags,
     manifest_digest,
     start_registry,
@@ -522,3 +523,65 @@ def _listed(project: Project, ref: str) -> dict[str, str]:
     )
     rows = [line.split(";") for line in done.stdout.splitlines() if ";" in line]
     return {row[0]: row[2] for row in rows[1:]}
+
+
+# --- this project's own pipeline -----------------------------------------------------------
+
+
+def test_projects_own_build_job_builds_the_runner_image(tmp_path: Path, registry: Registry) -> None:
+    """.gitlab-ci.yml's build-push, as it is: ci/Dockerfile, the pull registry as build arg."""
+    repo = make_repo(tmp_path / "orchestrator-pipeline", commits=0)
+    for name in (".gitlab-ci.yml", "pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, repo / name)
+    for folder in ("ci", "stages", "src"):
+        shutil.copytree(
+            ROOT / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+        )
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "the runner image")
+    sha = git(repo, "rev-parse", "HEAD")
+    record = tmp_path / "executor.jsonl"
+    variables = {
+        "GITLAB_CI": "true",
+        # gitlab-ci-local's shell executor points CI_PROJECT_DIR at a Docker path.
+        "CI_PROJECT_DIR": str(repo / ".gitlab-ci-local/builds/build-push"),
+        "NEXUS_REGISTRY": registry.host,
+        "NEXUS_REGISTRY_PULL": registry.host,
+        "NEXUS_USER": "ci-builder",
+        "NEXUS_PASSWORD": "not-a-real-password-1",
+        "PIPELINE_BUILD_EXECUTOR": str(EXECUTOR),
+        "PIPELINE_BUILD_EXTRA_FLAGS": "--insecure",
+        "PIPELINE_RETRY_ATTEMPTS": "1",
+    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CI_", "GITLAB_"))}
+    env |= {
+        "PATH": f"{Path(sys.executable).parent}:{env['PATH']}",
+        "STANDIN_PYTHON": sys.executable,
+        "STANDIN_RECORD": str(record),
+        "NO_COLOR": "1",
+    }
+    options = ["--force-shell-executor", "--shell-isolation", "--no-artifacts-to-source"]
+    options += [f"--variable={key}={value}" for key, value in variables.items()]
+    done = subprocess.run(
+        [str(GITLAB_CI_LOCAL), *options, "build-push"],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=PIPELINE_TIMEOUT,
+    )
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    (run,) = [json.loads(line) for line in record.read_text().splitlines()]
+    workdir = repo / ".gitlab-ci-local/builds/build-push"
+    assert f"--dockerfile={workdir}/ci/Dockerfile" in run["argv"]
+    assert f"--build-arg=PULL_REGISTRY={registry.host}" in run["argv"]
+    assert run["restore"] == dict.fromkeys(
+        ("--pre-cleanup", "--preserve-context", "--cleanup"), True
+    )
+    tag = f"main-{sha[:8]}"
+    assert list_tags(registry, "orchestrator-pipeline") == [tag]
+    labels = get_config(registry, "orchestrator-pipeline", tag)["config"]["Labels"]
+    assert labels["org.opencontainers.image.revision"] == sha
+    assert labels["org.opencontainers.image.version"] == tag
