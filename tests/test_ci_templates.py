@@ -428,3 +428,33 @@ def test_every_file_the_dockerfile_copies_from_the_context_exists() -> None:
             *sources, _destination = value.split()
             for source in sources:
                 assert (ROOT / source).exists(), f"COPY {source}: not in the repository"
+
+
+@pytest.fixture(scope="module")
+def own_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of this project's CI files, committed, with a release tag."""
+    repo = make_repo(tmp_path_factory.mktemp("own") / "orchestrator-pipeline")
+    for folder in ("stages", "ci"):
+        shutil.copytree(ROOT / folder, repo / folder)
+    shutil.copy2(OWN, repo / ".gitlab-ci.yml")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "CI")
+    git(repo, "tag", "v0.1.0")
+    return repo
+
+
+@pytest.mark.gitlab
+def test_projects_own_pipeline_lints_tests_builds_and_never_deploys(own_repo: Path) -> None:
+    assert listed_jobs(own_repo, "main", {}) == {
+        "lint": "on_success",
+        "test": "on_success",
+        "build-push": "on_success",
+        "push-latest": "on_success",
+        "trivy-image-scan": "on_success",
+    }
+    assert listed_jobs(own_repo, "v0.1.0", {"CI_COMMIT_TAG": "v0.1.0"}) == {
+        "lint": "on_success",
+        "test": "on_success",
+        "build-push": "on_success",
+        "push-stable": "on_success",
+    }
