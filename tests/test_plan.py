@@ -362,3 +362,13 @@ def test_deploy_dry_run_equals_its_real_run(
     )
     assert_dry_run_equals_real_run("deploy-dev", env, project)
     assert dev_server.running_image("web") == service.ref_by_digest
+
+
+def test_plan_without_the_build_hands_over_no_planned_build_env(checkout: Path) -> None:
+    done = run_cli(["plan", "--json", "--skip", "build"], cwd=checkout, env=base_env())
+
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert data["planned_build_env"] is None
+    assert [s["stage"] for s in data["stages"]] == STAGE_NAMES[1:]
+    assert data["stages"][0]["stopped"].startswith("build.env not found")

@@ -59,13 +59,15 @@ def _stage_data_to_log() -> Iterator[None]:
 def plan_data(rt: Runtime, runs: list[StageRun]) -> dict[str, Any]:
     """The plan as data: the tag plan, the planned build.env, each stage's commands."""
     plan = rt.plan
+    builds = any(stage.name == "build" for stage in runs)
     return {
         "ref": plan.ref_name,
         "commit_sha": rt.context.sha,
         "trigger": plan.trigger.value,
         "image_tag": plan.image_tag,
-        "planned_build_env": planned_build_env(rt).model_dump(),
-        "placeholder_digest": PLACEHOLDER_DIGEST,
+        # What the later stages were handed: the build's would-be build.env (no build, none).
+        "planned_build_env": planned_build_env(rt).model_dump() if builds else None,
+        "placeholder_digest": PLACEHOLDER_DIGEST if builds else None,
         "stages": [
             {
                 "stage": stage.name,
