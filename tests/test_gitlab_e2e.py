@@ -127,6 +127,13 @@ class Outcome:
         found = re.findall(r"^\s*(PASS|WARN|FAIL)\s+(\S+)\s*$", self.output, flags=re.MULTILINE)
         return {job: status for status, job in found}
 
+    def exit_code(self, job: str) -> int | None:
+        """The exit code of a failed job, as gitlab-ci-local reports it."""
+        found = re.findall(
+            rf"^{re.escape(job)}\s+finished in .* FAIL (\d+)", self.output, re.MULTILINE
+        )
+        return int(found[-1]) if found else None
+
     def ran(self) -> set[str]:
         return {p.stem for p in (self.state / "output").glob("*.log")}
 
@@ -499,9 +506,13 @@ def test_failing_health_check_rolls_back_and_fails_the_pipeline(
     assert outcome.returncode == 1, outcome.output
     assert outcome.ran() == {"build-push", "push-latest", "trivy-image-scan", "deploy-dev"}
     assert outcome.status()["deploy-dev"] == "FAIL"
+    assert outcome.exit_code("deploy-dev") == 6  # deploy failed, previous version restored
     assert "rolled back" in outcome.log("deploy-dev").lower()
     assert project.server.running_image("web") == before
     assert project.version_served() == "v1"
+    # As the platform orders its jobs, push-latest does not wait for the DEV deploy:
+    # `latest` now names the image that failed its health check.
+    assert project.digest("push", "latest") == outcome.build_env()["IMAGE_DIGEST"]
 
 
 def _remove_service_containers(server: DevServer) -> None:
