@@ -32,7 +32,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import jsonschema
@@ -163,6 +163,8 @@ class Project:
     server: DevServer
     web_port: int
     trivy_cache: Path
+    #: The ID tokens this test signed for the jobs (secrets: never in a log).
+    id_tokens: list[str] = field(default_factory=list)
 
     def commit(self, message: str, *, health: bool = True, version: str = "v1") -> str:
         www = self.repo / "www"
@@ -204,7 +206,7 @@ class Project:
         """What the project's CI/CD settings and GitLab would give every job."""
         return {
             "GITLAB_CI": "true",
-            "VAULT_ID_TOKEN": self.vault.sign_id_token(aud=_template_audience()),
+            "VAULT_ID_TOKEN": self._id_token(),
             "VAULT_ADDR": self.vault.addr,
             "NEXUS_REGISTRY": self.pair.push.host,
             "NEXUS_REGISTRY_PULL": self.pair.pull.host,
@@ -230,6 +232,11 @@ class Project:
             "PIPELINE_DEPLOY_HEALTH_TIMEOUT": "2",
             "PIPELINE_DEV_URL": f"http://127.0.0.1:{self.web_port}",
         }
+
+    def _id_token(self) -> str:
+        """What GitLab gives a job for its ``id_tokens`` entry, for the template's audience."""
+        self.id_tokens.append(self.vault.sign_id_token(aud=_template_audience()))
+        return self.id_tokens[-1]
 
     def process_env(self) -> dict[str, str]:
         """The runner's environment: this package first on PATH, the multi-line key."""
@@ -357,15 +364,20 @@ def _engine_trusts(registry: Registry) -> Iterator[None]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def assert_no_secret(project: Project, outcome: Outcome) -> None:
-    """The Nexus password from Vault is in no job log, no artifact, no pipeline output."""
-    secret = project.vault.password
-    assert secret not in outcome.output
-    for path in (outcome.state / "output").glob("*.log"):
-        assert secret not in path.read_text(errors="replace"), path
-    for path in (outcome.state / "artifacts").rglob("*"):
-        if path.is_file():
+def assert_no_secret(
+    project: Project, outcome: Outcome, *, vault_jobs: set[str] | None = None
+) -> None:
+    """Neither the Nexus password from Vault nor an ID token is in any log or artifact,
+    and every job that ran took its registry credentials from Vault."""
+    for secret in (project.vault.password, *project.id_tokens):
+        assert secret not in outcome.output
+        for path in (outcome.state / "output").glob("*.log"):
             assert secret not in path.read_text(errors="replace"), path
+        for path in (outcome.state / "artifacts").rglob("*"):
+            if path.is_file():
+                assert secret not in path.read_text(errors="replace"), path
+    for job in outcome.ran() if vault_jobs is None else vault_jobs:
+        assert "✓ registry credentials from Vault" in outcome.log(job), job
 
 
 # --- the scenarios, in order ------------------------------------------------------------------
@@ -404,7 +416,6 @@ def test_default_branch_builds_promotes_latest_and_scans(
     jsonschema.Draft7Validator(schema).validate(json.loads(gitlab_report.read_text()))
     trivy_json = json.loads(outcome.artifact("trivy-image-scan", "trivy-report.json").read_text())
     assert trivy_json["ArtifactName"] == f"{project.pair.pull.host}/{project.image}@{digest}"
-    assert "registry credentials from Vault" in outcome.log("build-push")
     assert_no_secret(project, outcome)
 
 
@@ -475,6 +486,7 @@ def test_pre_release_tag_pushes_its_version_but_never_stable(project: Project) -
     assert project.digest("push", "1.3.0-rc.1") == built["IMAGE_DIGEST"]
     assert project.digest("push", "stable") == stable
     assert "no moving tag" in outcome.log("push-stable").lower()
+    assert_no_secret(project, outcome, vault_jobs={"build-push"})  # nothing to promote: no login
 
 
 def test_deploy_only_redeploys_latest_without_building(
@@ -492,6 +504,7 @@ def test_deploy_only_redeploys_latest_without_building(
     running = project.server.running_image("web")
     assert running == f"{project.pair.pull.host}/{project.image}@{latest}"
     assert project.version_served() == "v1"
+    assert_no_secret(project, outcome)
 
 
 def test_failing_health_check_rolls_back_and_fails_the_pipeline(
@@ -513,6 +526,7 @@ def test_failing_health_check_rolls_back_and_fails_the_pipeline(
     # As the platform orders its jobs, push-latest does not wait for the DEV deploy:
     # `latest` now names the image that failed its health check.
     assert project.digest("push", "latest") == outcome.build_env()["IMAGE_DIGEST"]
+    assert_no_secret(project, outcome)
 
 
 def _remove_service_containers(server: DevServer) -> None:

@@ -148,3 +148,10 @@ def _planned(checkout: Path) -> BuildEnv:
     import json
 
     return BuildEnv.model_validate(json.loads(done.stdout)["planned_build_env"])
+
+
+def test_the_context_is_detected_once_for_every_stage(checkout: Path) -> None:
+    done = run_cli(["run"], cwd=checkout, env=base_env())
+
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("+ git rev-parse --show-toplevel") == 1
