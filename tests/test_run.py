@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -14,6 +18,12 @@ from pipeline.runtime import Runtime
 from pipeline.shell import Shell
 from tests.clirun import base_env, error_lines, run_cli
 from tests.gitrepo import git, make_repo
+from tests.infra.devserver import DevServer
+from tests.infra.ports import free_port
+from tests.infra.registry import Registry, manifest_digest
+
+TRIVY_DB = Path("/work/shared/reference/trivy-db")
+EXECUTOR = Path(__file__).parent / "standins" / "kaniko" / "executor"
 
 STAGE_NAMES = ["build", "push", "trivy-image-scan", "deploy-dev"]
 DOCKERFILE = "FROM busybox\nCOPY . /app\n"
@@ -30,7 +40,8 @@ def checkout(tmp_path: Path) -> Path:
 
 
 def stages_started(stderr: str) -> list[str]:
-    return re.findall(r"^stage (\S+)$", stderr, flags=re.MULTILINE)
+    """The stages whose section opened (in GitLab CI the title follows a section marker)."""
+    return re.findall(r"(?:^|\r\x1b\[0K)stage (\S+)$", stderr, flags=re.MULTILINE)
 
 
 def test_the_stages_run_in_pipeline_order() -> None:
@@ -155,3 +166,91 @@ def test_the_context_is_detected_once_for_every_stage(checkout: Path) -> None:
 
     assert done.returncode == 0, done.stderr
     assert done.stderr.count("+ git rev-parse --show-toplevel") == 1
+
+
+# --- the real thing ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def dev_server_registries(registry: Registry) -> Sequence[str]:
+    return [registry.host]
+
+
+@pytest.mark.registry
+@pytest.mark.trivy
+@pytest.mark.devserver
+def test_execute_runs_every_stage_in_order_each_reading_what_the_build_wrote(
+    tmp_path: Path, registry: Registry, repo: str, dev_server: DevServer
+) -> None:
+    """Build (Kaniko stand-in), promote, scan (real Trivy) and deploy (real DEV server)."""
+    project = make_repo(tmp_path / "service", commits=0)
+    (project / "Dockerfile").write_text("FROM scratch\nCOPY . /workspace\n")
+    (project / "bin").mkdir()
+    shutil.copy2("/bin/busybox", project / "bin" / "busybox")
+    (project / "www").mkdir()
+    (project / "www" / "health").write_text("ok\n")
+    git(project, "add", "-A")
+    git(project, "commit", "-q", "-m", "service")
+    sha = git(project, "rev-parse", "HEAD")
+    web_port = free_port()
+    compose = dev_server.deploy_dir / "docker-compose.yml"
+    httpd = [
+        "/workspace/bin/busybox",
+        "httpd",
+        "-f",
+        "-p",
+        f"127.0.0.1:{web_port}",
+        "-h",
+        "/workspace/www",
+    ]
+    compose.write_text(
+        f"services:\n  web:\n    image: ${{IMAGE_REF}}\n    network_mode: host\n    init: true\n"
+        f"    entrypoint: {json.dumps(httpd)}\n"
+    )
+    shutil.chown(compose, user=dev_server.user, group=dev_server.user)
+    cache = tmp_path / "trivy-cache"
+    (cache / "db").mkdir(parents=True)
+    for name in ("trivy.db", "metadata.json"):
+        shutil.copyfile(TRIVY_DB / name, cache / "db" / name)
+    env = base_env(
+        GITLAB_CI="true",
+        CI_COMMIT_SHA=sha,
+        CI_COMMIT_BRANCH="main",
+        CI_DEFAULT_BRANCH="main",
+        CI_PROJECT_NAME="service",
+        CI_PROJECT_DIR=str(project),
+        NEXUS_REGISTRY=registry.host,
+        NEXUS_REGISTRY_PULL=registry.host,
+        NEXUS_IMAGE_NAME=repo,
+        DOCKER_CONFIG=str(tmp_path / "docker"),
+        PIPELINE_RETRY_ATTEMPTS="1",
+        PIPELINE_REGISTRY_TLS_VERIFY="false",
+        PIPELINE_BUILD_EXECUTOR=str(EXECUTOR),
+        PIPELINE_BUILD_EXTRA_FLAGS="--insecure",
+        STANDIN_PYTHON=sys.executable,
+        PIPELINE_SCAN_INSECURE="true",
+        PIPELINE_SCAN_CACHE_DIR=str(cache),
+        PIPELINE_SCAN_SKIP_DB_UPDATE="true",
+        DEV_SERVER_IP=dev_server.host,
+        SSH_PORT=str(dev_server.port),
+        SSH_USER=dev_server.user,
+        SSH_PRIVATE_KEY=dev_server.private_key_pem,
+        SSH_KNOWN_HOSTS=dev_server.known_hosts_line,
+        PIPELINE_DEPLOY_DIR=str(dev_server.deploy_dir),
+        PIPELINE_DEPLOY_HEALTH_URL=f"http://127.0.0.1:{web_port}/health",
+        PIPELINE_DEPLOY_HEALTH_TRIES="10",
+        PIPELINE_DEPLOY_HEALTH_INTERVAL="0.5",
+    )
+    (tmp_path / "docker").mkdir()
+
+    done = run_cli(["run"], cwd=project, env=env, timeout=600)
+
+    assert done.returncode == 0, done.stderr
+    assert "pipeline run: executing (GITLAB_CI=true)" in done.stderr
+    assert stages_started(done.stderr) == STAGE_NAMES
+    built = artifact.read(project / "build.env", {})
+    assert built.IMAGE_TAG == f"main-{sha[:8]}"
+    assert manifest_digest(registry, repo, "latest") == built.IMAGE_DIGEST
+    assert (project / "gl-container-scanning-report.json").is_file()
+    assert dev_server.running_image("web") == built.pull_ref
+    assert "placeholder" not in done.stderr
