@@ -31,9 +31,10 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import jsonschema
 import pytest
@@ -53,13 +54,9 @@ from tests.infra.registry import (
 )
 from tests.infra.vault import POLICY, Vault, api_call, start_vault, stop_vault
 
-pytestmark = [
-    pytest.mark.gitlab,
-    pytest.mark.registry,
-    pytest.mark.vault,
-    pytest.mark.trivy,
-    pytest.mark.devserver,
-]
+pytestmark = [pytest.mark.gitlab, pytest.mark.registry]
+#: The scenarios use every component; the project's own build job needs only a registry.
+SCENARIO = (pytest.mark.vault, pytest.mark.trivy, pytest.mark.devserver)
 
 ROOT = Path(__file__).resolve().parents[1]
 GITLAB_CI_LOCAL = ROOT / ".tools/node_modules/.bin/gitlab-ci-local"
@@ -382,6 +379,14 @@ def assert_no_secret(
 
 # --- the scenarios, in order ------------------------------------------------------------------
 
+F = TypeVar("F", bound=Callable[..., None])
+
+
+def scenario(test: F) -> F:
+    for mark in SCENARIO:
+        test = mark(test)
+    return test
+
 
 @pytest.fixture(scope="module")
 def default_pipeline(project: Project) -> Outcome:
@@ -389,6 +394,7 @@ def default_pipeline(project: Project) -> Outcome:
     return project.pipeline("main")
 
 
+@scenario
 def test_default_branch_builds_promotes_latest_and_scans(
     project: Project, default_pipeline: Outcome
 ) -> None:
@@ -419,6 +425,7 @@ def test_default_branch_builds_promotes_latest_and_scans(
     assert_no_secret(project, outcome)
 
 
+@scenario
 def test_default_branch_deploys_the_built_image_to_dev(
     project: Project, default_pipeline: Outcome
 ) -> None:
@@ -433,6 +440,7 @@ def test_default_branch_deploys_the_built_image_to_dev(
     assert project.version_served() == "v1"
 
 
+@scenario
 def test_feature_branch_builds_only_and_offers_a_manual_deploy(
     project: Project, default_pipeline: Outcome
 ) -> None:
@@ -455,6 +463,7 @@ def test_feature_branch_builds_only_and_offers_a_manual_deploy(
     assert_no_secret(project, outcome)
 
 
+@scenario
 def test_version_tag_pushes_the_version_and_promotes_stable(project: Project) -> None:
     git(project.repo, "checkout", "-q", "main")
     git(project.repo, "tag", "v1.2.3")
@@ -471,6 +480,7 @@ def test_version_tag_pushes_the_version_and_promotes_stable(project: Project) ->
     assert_no_secret(project, outcome)
 
 
+@scenario
 def test_pre_release_tag_pushes_its_version_but_never_stable(project: Project) -> None:
     stable = project.digest("push", "stable")
     git(project.repo, "checkout", "-q", "main")
@@ -489,6 +499,7 @@ def test_pre_release_tag_pushes_its_version_but_never_stable(project: Project) -
     assert_no_secret(project, outcome, vault_jobs={"build-push"})  # nothing to promote: no login
 
 
+@scenario
 def test_deploy_only_redeploys_latest_without_building(
     project: Project, default_pipeline: Outcome
 ) -> None:
@@ -507,6 +518,7 @@ def test_deploy_only_redeploys_latest_without_building(
     assert_no_secret(project, outcome)
 
 
+@scenario
 def test_failing_health_check_rolls_back_and_fails_the_pipeline(
     project: Project, default_pipeline: Outcome
 ) -> None:
