@@ -216,7 +216,6 @@ def normalised(calls: list[Call]) -> list[tuple[str, ...]]:
 def stage_history(stage: str, env: dict[str, str], cwd: Path, *, dry_run: bool) -> list[Call]:
     """Run one stage in this process the way the command line does; its shell's history."""
     module = MODULES[stage]
-    assert module is not None, f"stage {stage} is not built"
     loaded = load(tuple(dict.fromkeys((*BASE_SETTINGS, *module.SETTINGS))), env)
     shell = Shell(dry_run=dry_run, policy=FAST, base_env=env)
     rt = Runtime(command=stage, dry_run=dry_run, environ=env, shell=shell, cwd=cwd, loaded=loaded)

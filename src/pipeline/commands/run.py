@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import importlib.util
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
@@ -37,16 +36,11 @@ PLACEHOLDER_DIGEST = "sha256:" + "0" * 64
 PLACEHOLDER_LABEL = "sha256:<digest-of-the-build>"
 
 
-def _stage_modules() -> dict[str, ModuleType | None]:
-    """Each stage's module, or None while it is not built."""
-    found = {c.name: importlib.util.find_spec(c.module) is not None for c in STAGES}
-    return {c.name: importlib.import_module(c.module) if found[c.name] else None for c in STAGES}
-
-
-MODULES = _stage_modules()
+#: Each stage's module (``run(rt)`` and ``SETTINGS``), by stage name.
+MODULES: dict[str, ModuleType] = {c.name: importlib.import_module(c.module) for c in STAGES}
 #: Every stage's settings, validated together before the first stage starts.
 SETTINGS: tuple[type[Settings], ...] = tuple(
-    dict.fromkeys(model for module in MODULES.values() if module for model in module.SETTINGS)
+    dict.fromkeys(model for module in MODULES.values() for model in module.SETTINGS)
 )
 
 
@@ -96,10 +90,7 @@ def run_stages(rt: Runtime, stages: Sequence[Command]) -> list[StageRun]:
 
 
 def _run_stage(rt: Runtime, command: Command) -> str | None:
-    module = MODULES[command.name]
-    if module is None:
-        return _stop(rt, command, UsageError(f"stage {command.name} is not built yet"))
-    stage: Callable[[Runtime], object] = module.run
+    stage: Callable[[Runtime], object] = MODULES[command.name].run
     with log.section(f"stage {command.name}"):
         try:
             stage(rt)
