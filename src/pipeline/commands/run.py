@@ -26,7 +26,7 @@ from pipeline.cli import COMMANDS, Command
 from pipeline.errors import UsageError
 from pipeline.log import log
 from pipeline.runtime import Runtime
-from pipeline.settings import Settings
+from pipeline.settings import DeploySettings, Settings
 from pipeline.shell import Call, Shell
 
 #: The stages in the order the pipeline runs them.
@@ -67,7 +67,7 @@ def run(rt: Runtime) -> None:
 def selected_stages(rt: Runtime) -> tuple[Command, ...]:
     """The stages this run covers: all, deploy-dev alone for DEPLOY_ONLY, minus ``--skip``."""
     skip = set(rt.options.get("skip") or ())
-    if rt.environ.get("DEPLOY_ONLY", "").lower() == "true":
+    if rt.settings(DeploySettings).deploy_only:
         log.info("DEPLOY_ONLY=true: deploy-dev alone, without a build (as the pipeline does)")
         skip |= {c.name for c in STAGES if c.name != "deploy-dev"}
     return tuple(c for c in STAGES if c.name not in skip)
