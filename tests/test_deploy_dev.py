@@ -106,7 +106,7 @@ class Setup:
 
     def remote_files(self) -> dict[str, str]:
         """The deploy directory's state files (the test runs as root and reads them directly)."""
-        names = (".env", ".env.rollback", ".deploy-pending")
+        names = (".env", ".env.rollback", ".deploy-pending", ".deploy-last")
         found = {
             n: (self.server.deploy_dir / n).read_text()
             for n in names
@@ -361,8 +361,11 @@ def test_connection_dropped_mid_deploy_and_the_next_deploy_recovers(setup: Setup
     assert _kill_connections(setup.server) >= 1
     _, stderr = first.communicate(timeout=120)
 
-    assert first.returncode == 4, stderr
-    assert "the SSH connection dropped during" in error_lines(stderr)[0]
+    assert first.returncode == 0, stderr
+    assert "the SSH connection dropped during" in stderr
+    assert "@deploy follow ok the deploy script finished on the server with status 0" in stderr
+    assert setup.server.handshakes() == 3  # v1's deploy, then this one's two
+    assert setup.server.running_image("web") == v2.ref_by_digest
     v3 = setup.push("main-33333333", "v3")
     again = setup.deploy(v3)
     assert again.returncode == 0, again.stderr
@@ -372,6 +375,36 @@ def test_connection_dropped_mid_deploy_and_the_next_deploy_recovers(setup: Setup
     assert ".deploy.lock" not in files
     assert ".deploy-pending" not in files
     assert setup.server.running_image("web") == v3.ref_by_digest
+
+
+@pytest.mark.devserver
+def test_connection_dropped_with_runner_health_reconnects_and_rolls_back(setup: Setup) -> None:
+    v1 = _healthy_v1(setup)
+    v2 = setup.push("main-22222222", "v2")
+    setup.write_build_env(v2)
+    env = setup.env(PIPELINE_DEPLOY_HEALTH_FROM="runner")
+    first = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "deploy-dev", "--execute"],
+        env=env,
+        cwd=setup.workdir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for(setup.server.deploy_dir / ".deploy-pending")
+    assert _kill_connections(setup.server) >= 1
+    _, stderr = first.communicate(timeout=180)
+
+    assert first.returncode == 6, stderr
+    assert "connecting again to roll back" in stderr
+    [line] = error_lines(stderr)
+    assert "the previous version is healthy" in line
+    assert setup.server.running_image("web") == v1.ref_by_digest
+    files = setup.remote_files()
+    assert _env_ref(files[".env"]) == v1.ref_by_digest
+    assert ".deploy.lock" not in files
+    assert ".deploy-pending" not in files
+    assert setup.server.handshakes() == 3  # v1's deploy, then this one's two
 
 
 @pytest.mark.devserver
@@ -513,8 +546,9 @@ def test_registry_credentials_never_in_ps_or_output(
     encoded = base64.b64encode(f"{tls_registry.username}:{secret}".encode())
     remote_docker_config = setup.server.deploy_dir.parent.parent / "docker-remote"
     home = Path(pwd.getpwnam(setup.server.user).pw_dir)
-    places = [setup.server.deploy_dir, tmp_path, remote_docker_config, home, Path("/tmp")]
-    for path in (p for place in places for p in place.rglob("*")):
+    places = [setup.server.deploy_dir, tmp_path, remote_docker_config, home]
+    places += Path("/tmp").glob("tmp.*")  # what mktemp -d on the server would have left
+    for path in (p for place in places for p in _files_under(place)):
         content = _small_file(path)
         assert secret.encode() not in content, path
         assert encoded not in content, path
@@ -691,3 +725,10 @@ def test_dry_run_prints_the_ssh_command_and_the_script_with_secrets_masked(tmp_p
     assert "IMAGE_REF=127.0.0.1:5001/orchestrator-app@sha256:" + "a" * 64 in output
     assert "main deploy_all" in output
     assert not list(tmp_path.glob("pipeline-ssh-*"))
+
+
+def _files_under(top: Path) -> Iterator[Path]:
+    """Every file below ``top``, skipping what disappears or cannot be read meanwhile."""
+    for root, _dirs, files in os.walk(top, onerror=lambda _error: None):
+        for name in files:
+            yield Path(root) / name

@@ -460,12 +460,28 @@ def _deploy_server_health(d: Deploy) -> None:
         if d.rt.dry_run:
             return
         if session.code == RemoteExit.CONNECTION:
-            raise ExternalError(
-                f"the SSH connection dropped during {session.failure()}; the script goes on by itself "
-                "on the server (it ignores the hang-up), finishes or rolls back, and releases the lock"
-            )
+            session = _follow(d, session)
         d.check(session)
     _succeeded(session, d.image)
+
+
+def _follow(d: Deploy, lost: Session) -> Session:
+    """After a dropped connection: the script goes on by itself; connect again, wait for it."""
+    log.warn(f"the SSH connection dropped during {lost.failure()}; connecting again to follow")
+    _reconnect(d, lost)
+    followed = d.session(Phase.FOLLOW)
+    return Session(code=followed.code, markers=lost.markers + followed.markers)
+
+
+def _reconnect(d: Deploy, lost: Session) -> None:
+    """The second (and last) handshake of a deploy."""
+    try:
+        _open_master(d.rt, d.conn)
+    except ExternalError as exc:
+        raise ExternalError(
+            f"the SSH connection dropped during {lost.failure()} and reconnecting failed ({exc}); "
+            "the deploy script goes on by itself on the server and releases the lock when done"
+        ) from None
 
 
 def _deploy_runner_health(d: Deploy) -> None:
@@ -491,13 +507,7 @@ def _deploy_runner_health(d: Deploy) -> None:
 def _recover(d: Deploy, lost: Session) -> Session:
     """After a dropped connection: connect again (the second handshake) and restore."""
     log.warn(f"the SSH connection dropped during {lost.failure()}; connecting again to roll back")
-    try:
-        _open_master(d.rt, d.conn)
-    except ExternalError as exc:
-        raise ExternalError(
-            f"the SSH connection dropped during {lost.failure()} and reconnecting failed ({exc}); "
-            "the server keeps the deploy lock until it is stale (PIPELINE_DEPLOY_LOCK_STALE_SECONDS)"
-        ) from None
+    _reconnect(d, lost)
     recovered = d.session(Phase.RECOVER)
     return Session(code=recovered.code, markers=lost.markers + recovered.markers)
 

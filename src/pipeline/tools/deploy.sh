@@ -10,6 +10,7 @@
 #   $ROLLBACK        the .env of the last verified deploy (restored on failure)
 #   .deploy-pending  the .env in place has not passed a health check yet
 #   .deploy.lock/    mkdir lock; `owner` names the deploy; mtime is its heartbeat
+#   .deploy.log      the output of the last deploy_all session; .deploy-last its exit status
 
 trap '' HUP PIPE  # a dropped connection must not stop a deploy halfway
 PENDING=.deploy-pending
@@ -295,6 +296,26 @@ settle_healthy() { enter; lock_mine; settle healthy; }
 
 settle_unhealthy() { enter; lock_mine; settle unhealthy; }
 
+result_ready() { grep -qxF "token=$TOKEN" .deploy-last 2>/dev/null; }
+
+deploy_follow() {
+  enter
+  mark follow begin "waiting for the deploy script to finish on the server"
+  pid=$(lock_is_mine && sed -n 's/^pid=//p' "$LOCK/owner")
+  waited=0
+  until result_ready; do
+    if [ -z "$pid" ] || ! kill -0 "$pid" 2>/dev/null; then
+      [ "$waited" -ge 10 ] && { mark follow fail "the deploy script on the server ended without a result"; exit 1; }
+      waited=$((waited + 1))
+    fi
+    sleep 1
+  done
+  grep '^@deploy ' .deploy.log 2>/dev/null
+  status=$(sed -n 's/^status=//p' .deploy-last)
+  mark follow ok "the deploy script finished on the server with status $status"
+  exit "${status:-1}"
+}
+
 deploy_recover() {
   enter
   lock_is_mine || { mark recover info "the lock is not ours: nothing to recover"; exit 0; }
@@ -307,13 +328,27 @@ deploy_recover() {
 # --- running an entry point --------------------------------------------------------------
 
 # Every line goes through this relay, which ignores write errors: when the connection
-# drops, the relay keeps reading, so docker and compose never get EPIPE halfway.
-relay() { while IFS= read -r line; do printf '%s\n' "$line" 2>/dev/null; done; }
+# drops, the relay keeps reading, so docker and compose never get EPIPE halfway. It also
+# keeps a copy, for deploy_follow after a dropped connection.
+relay() {
+  while IFS= read -r line; do
+    printf '%s\n' "$line" >> "$1"
+    printf '%s\n' "$line" 2>/dev/null
+  done
+}
+
+keep_result() {
+  cp "$2" "$DEPLOY_DIR/.deploy.log" 2>/dev/null
+  printf '%s\n' "token=$TOKEN" "status=$1" "finished=$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
+    > "$DEPLOY_DIR/.deploy-last" 2>/dev/null
+}
 
 main() {
-  status_file=$(mktemp) || { mark start fail "mktemp failed on the server"; exit 1; }
-  { ("$1"); echo "$?" > "$status_file"; } 2>&1 | relay
+  status_file=$(mktemp) && log_file=$(mktemp) || { mark start fail "mktemp failed on the server"; exit 1; }
+  { ("$1"); echo "$?" > "$status_file"; } 2>&1 | relay "$log_file"
   status=$(cat "$status_file")
-  rm -f "$status_file"
-  exit "${status:-1}"
+  status=${status:-1}
+  if [ "$1" = deploy_all ] && [ "$status" != 65 ]; then keep_result "$status" "$log_file"; fi
+  rm -f "$status_file" "$log_file"
+  exit "$status"
 }

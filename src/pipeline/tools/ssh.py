@@ -262,6 +262,7 @@ class Phase:
     SETTLE_HEALTHY = "settle_healthy"  # the restored version is healthy: unlock
     SETTLE_UNHEALTHY = "settle_unhealthy"  # the restored version is not: unlock
     RECOVER = "deploy_recover"  # after a lost connection: wait for the old phase, roll back
+    FOLLOW = "deploy_follow"  # after a lost connection: wait for deploy_all, report its result
 
 
 def remote_script(plan: RemotePlan, phase: str) -> str:
