@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -254,3 +255,34 @@ def test_execute_runs_every_stage_in_order_each_reading_what_the_build_wrote(
     assert (project / "gl-container-scanning-report.json").is_file()
     assert dev_server.running_image("web") == built.pull_ref
     assert "placeholder" not in done.stderr
+
+
+def test_with_the_dev_settings_in_an_env_file_the_preview_shows_the_deploy(
+    checkout: Path, tmp_path: Path
+) -> None:
+    """The laptop case: a .env with the DEV server's settings; nothing is contacted."""
+    key = tmp_path / "id_ed25519"
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True, timeout=30
+    )
+    public = (tmp_path / "id_ed25519.pub").read_text().split()
+    env_file = tmp_path / "dev.env"
+    env_file.write_text(
+        "DEV_SERVER_IP=dev.example.invalid\n"
+        "SSH_USER=deployer\n"
+        f'SSH_PRIVATE_KEY="{key.read_text()}"\n'
+        f"SSH_KNOWN_HOSTS=dev.example.invalid {public[0]} {public[1]}\n"
+        "PIPELINE_DEPLOY_DIR=/srv/app\n"
+        "PIPELINE_DEPLOY_HEALTH_URL=http://127.0.0.1:8080/health\n"
+    )
+    done = run_cli(["run", "--env-file", str(env_file)], cwd=checkout, env=base_env())
+
+    assert done.returncode == 0, done.stderr
+    assert "would stop at deploy-dev" not in done.stderr
+    ssh = [line for line in done.stderr.splitlines() if line.startswith("+ ssh ")]
+    assert ssh, done.stderr
+    assert all(line.endswith("# dry-run: not run") for line in ssh)
+    assert any("deployer@dev.example.invalid" in line for line in ssh)
+    secret_lines = [line for line in key.read_text().splitlines() if "PRIVATE KEY" not in line]
+    for line in secret_lines:
+        assert line not in done.stdout + done.stderr
