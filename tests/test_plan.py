@@ -337,7 +337,7 @@ def dev_server_registries(registry: Registry) -> Sequence[str]:
 @pytest.mark.devserver
 @pytest.mark.xfail(
     reason="deploy-dev's dry-run leaves out the closing `ssh -O exit` the real run sends "
-    "(stages/deploy_dev.py _connected skips it under dry-run instead of letting the shell print it)",
+    "(its connection context skips it under dry-run instead of letting the shell print it)",
     strict=True,
 )
 def test_deploy_dry_run_equals_its_real_run(
