@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import os
 import pwd
+import re
 import shutil
 import subprocess
 import sys
@@ -308,6 +309,47 @@ def test_wrong_host_key_is_refused_before_anything_runs(setup: Setup) -> None:
     ]
     assert setup.server.handshakes() == 0
     assert setup.remote_files() == {}
+
+
+@pytest.mark.devserver
+def test_trust_on_first_use_accepts_a_new_key_with_a_warning_but_never_a_changed_one(
+    setup: Setup,
+) -> None:
+    image = setup.push("main-a1b2c3d4", "v1")
+
+    done = setup.deploy(image, SSH_KNOWN_HOSTS="", PIPELINE_DEPLOY_TRUST_ON_FIRST_USE="true")
+    changed = setup.deploy(
+        image,
+        SSH_KNOWN_HOSTS=setup.server.wrong_known_hosts_line,
+        PIPELINE_DEPLOY_TRUST_ON_FIRST_USE="true",
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert (
+        "pipeline: warning: PIPELINE_DEPLOY_TRUST_ON_FIRST_USE=true: an unknown DEV server host key is accepted unverified"
+        in done.stderr
+    )
+    assert changed.returncode == 4, changed.stderr
+    assert "host key does not match SSH_KNOWN_HOSTS" in error_lines(changed.stderr)[0]
+    assert setup.server.handshakes() == 1
+
+
+@pytest.mark.devserver
+def test_key_and_known_hosts_from_gitlab_file_variables(setup: Setup) -> None:
+    image = setup.push("main-a1b2c3d4", "v1")
+    key = setup.workdir / "SSH_PRIVATE_KEY"
+    key.write_text(setup.server.private_key_pem)
+    key.chmod(0o600)
+    known_hosts = setup.workdir / "SSH_KNOWN_HOSTS"
+    known_hosts.write_text(setup.server.known_hosts_line + "\n")
+
+    done = setup.deploy(image, SSH_PRIVATE_KEY=str(key), SSH_KNOWN_HOSTS=str(known_hosts))
+
+    assert done.returncode == 0, done.stderr
+    assert setup.server.running_image("web") == image.ref_by_digest
+    assert "OPENSSH PRIVATE KEY" not in done.stderr + done.stdout
+    [key_file] = set(re.findall(r" -i (\S+/id) ", done.stderr))
+    assert not Path(key_file).parent.exists()  # the private key file and its directory are gone
 
 
 def _kill_connections(server: DevServer) -> int:

@@ -26,9 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from pipeline import auth
+from pipeline import auth, sshsession
 from pipeline.errors import (
-    CommandError,
     ExternalError,
     PipelineError,
     RollbackFailedError,
@@ -52,7 +51,6 @@ from pipeline.tools.ssh import Marker, Phase, RemoteExit
 SETTINGS: tuple[type[Settings], ...] = (DeploySettings, VaultSettings)
 DEFAULT_REDEPLOY_TAG = "latest"
 DRY_RUN_DIGEST = "sha256:" + "0" * 64
-_PRIVATE_KEY_START = "-----BEGIN"
 _NOT_OWNER = re.compile(r"[^A-Za-z0-9_.:/@+=,-]")
 _FAILED_ROLLBACK = (RemoteExit.ROLLBACK_FAILED, RemoteExit.NO_ROLLBACK, RemoteExit.CONNECTION)
 
@@ -106,11 +104,11 @@ def run(rt: Runtime) -> None:
     settings = rt.settings(DeploySettings)
     _check_required(settings)
     image = _image(rt, settings)
-    with _private_dir() as private:
-        conn = _connection(rt, settings, private)
+    with sshsession.private_dir() as private:
+        conn = sshsession.connection(rt, settings, private)
         plan = _plan(rt, settings, image)
         deploy = Deploy(rt=rt, conn=conn, plan=plan, image=image, settings=settings)
-        with _connected(rt, conn):
+        with sshsession.connected(rt, conn):
             if settings.health_from == "server":
                 _deploy_server_health(deploy)
             else:
@@ -209,158 +207,6 @@ def _registry_access(rt: Runtime, settings: DeploySettings) -> Iterator[skopeo.A
             cert_dir=cert_dir,
             tls_verify=settings.registry_tls_verify,
         )
-
-
-# --- the connection -------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _private_dir() -> Iterator[Path]:
-    """A 0700 directory for the key, known_hosts and control socket; removed afterwards."""
-    path = Path(tempfile.mkdtemp(prefix="pipeline-ssh-"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _connection(rt: Runtime, settings: DeploySettings, private: Path) -> ssh.Connection:
-    assert settings.server
-    assert settings.ssh_user
-    assert settings.ssh_private_key
-    key_file = _write_private(
-        private / "id", _key_text(settings.ssh_private_key.get_secret_value())
-    )
-    _check_key(rt, key_file)
-    known_hosts = _write_private(private / "known_hosts", _known_hosts_text(settings))
-    conn = ssh.Connection(
-        host=settings.server,
-        port=settings.ssh_port,
-        user=settings.ssh_user,
-        key_file=key_file,
-        known_hosts_file=known_hosts,
-        control_path=private / "cm",
-        connect_timeout=settings.connect_timeout,
-        trust_on_first_use=settings.trust_on_first_use,
-    )
-    _check_known_host(rt, conn, settings)
-    return conn
-
-
-def _key_text(value: str) -> str:
-    """The key itself, or the content of the file a GitLab File variable points at."""
-    if value.startswith(_PRIVATE_KEY_START):
-        return value
-    path = Path(value.strip())
-    if "\n" in value or not path.is_file():
-        raise SettingsError(
-            [
-                "SSH_PRIVATE_KEY: is neither a private key (-----BEGIN ... PRIVATE KEY-----) nor a readable key file"
-            ]
-        )
-    text = path.read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n")
-    log.add_secret(text.strip())
-    if not text.startswith(_PRIVATE_KEY_START):
-        raise SettingsError(
-            [f"SSH_PRIVATE_KEY: the file {path} does not hold a private key (-----BEGIN ...)"]
-        )
-    return text.strip() + "\n"
-
-
-def _known_hosts_text(settings: DeploySettings) -> str:
-    value = settings.ssh_known_hosts or ""
-    path = Path(value.strip())
-    if value and "\n" not in value.strip() and len(value.split()) == 1 and path.is_file():
-        value = path.read_text(encoding="utf-8", errors="replace")
-    lines = [line.strip() for line in value.replace("\r\n", "\n").splitlines() if line.strip()]
-    bad = [line for line in lines if not line.startswith("#") and len(line.split()) < 3]
-    if bad:
-        raise SettingsError(
-            [f"SSH_KNOWN_HOSTS: {bad[0][:60]!r} is not a known_hosts line (host key-type key)"]
-        )
-    if settings.trust_on_first_use:
-        log.warn(
-            "PIPELINE_DEPLOY_TRUST_ON_FIRST_USE=true: an unknown DEV server host key is accepted "
-            "unverified (a man in the middle would be trusted); set SSH_KNOWN_HOSTS instead"
-        )
-    return "".join(f"{line}\n" for line in lines)
-
-
-def _write_private(path: Path, text: str) -> Path:
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "w", encoding="utf-8") as stream:
-        stream.write(text)
-    return path
-
-
-def _check_key(rt: Runtime, key_file: Path) -> None:
-    try:
-        rt.shell.run(ssh.keygen_public_argv(key_file), query=True, stream=False)
-    except CommandError as exc:
-        reason = exc.stderr_tail.splitlines()[-1] if exc.stderr_tail else "unreadable"
-        raise SettingsError(
-            [
-                f"SSH_PRIVATE_KEY: ssh-keygen cannot use the key ({reason}): a damaged or passphrase-protected key"
-            ]
-        ) from None
-
-
-def _check_known_host(rt: Runtime, conn: ssh.Connection, settings: DeploySettings) -> None:
-    name = conn.host if conn.port == 22 else f"[{conn.host}]:{conn.port}"
-    found = rt.shell.run(
-        ["ssh-keygen", "-F", name, "-f", str(conn.known_hosts_file)],
-        query=True,
-        stream=False,
-        ok_codes=(0, 1),
-    )
-    if found.returncode != 0 and not settings.trust_on_first_use:
-        raise SettingsError(
-            [
-                f"SSH_KNOWN_HOSTS: has no host key for {name} (ssh-keyscan -p {conn.port} {conn.host})"
-            ]
-        )
-
-
-@contextlib.contextmanager
-def _connected(rt: Runtime, conn: ssh.Connection) -> Iterator[None]:
-    """The one SSH connection (ControlMaster) for the whole deploy, closed at the end."""
-    with log.step(f"connect to {conn.target} port {conn.port}"):
-        _open_master(rt, conn)
-    try:
-        yield
-    finally:
-        if not rt.dry_run:
-            rt.shell.run(ssh.exit_argv(conn), ok_codes=range(256), stream=False, timeout=30)
-
-
-def _open_master(rt: Runtime, conn: ssh.Connection) -> None:
-    try:
-        rt.shell.run(
-            ssh.master_argv(conn),
-            classify=_transient_connect,
-            what="ssh connect",
-            timeout=conn.connect_timeout + 30,
-        )
-    except CommandError as exc:
-        raise ExternalError(_connect_problem(conn, exc.stderr_tail)) from None
-
-
-def _connect_problem(conn: ssh.Connection, stderr: str) -> str:
-    where = f"{conn.target} port {conn.port}"
-    if "Host key verification failed" in stderr or "REMOTE HOST IDENTIFICATION" in stderr:
-        return f"ssh to {where}: the server's host key does not match SSH_KNOWN_HOSTS; nothing was run (update SSH_KNOWN_HOSTS if the server was rebuilt)"
-    if "Permission denied" in stderr:
-        return f"ssh to {where}: the server refused SSH_PRIVATE_KEY for SSH_USER {conn.user}"
-    last = stderr.strip().splitlines()[-1] if stderr.strip() else "no error output"
-    return f"ssh to {where} failed: {last}"
-
-
-def _transient_connect(error: BaseException) -> str | None:
-    if isinstance(error, CommandError) and re.search(
-        r"Connection refused|timed out|Connection reset|Network is unreachable", error.stderr_tail
-    ):
-        return "connection failed"
-    return None
 
 
 # --- the remote flow ---------------------------------------------------------------------
@@ -476,7 +322,7 @@ def _follow(d: Deploy, lost: Session) -> Session:
 def _reconnect(d: Deploy, lost: Session) -> None:
     """The second (and last) handshake of a deploy."""
     try:
-        _open_master(d.rt, d.conn)
+        sshsession.open_master(d.rt, d.conn)
     except ExternalError as exc:
         raise ExternalError(
             f"the SSH connection dropped during {lost.failure()} and reconnecting failed ({exc}); "
