@@ -753,7 +753,10 @@ def test_dry_run_prints_the_ssh_command_and_the_script_with_secrets_masked(tmp_p
     )
     artifact.write(tmp_path / "build.env", env)
 
-    done = run_cli(["deploy-dev", "--dry-run"], env=_offline_env(tmp_path), cwd=tmp_path)
+    job = "https://gitlab.example.com/group/app/-/jobs/77"
+    done = run_cli(
+        ["deploy-dev", "--dry-run"], env=_offline_env(tmp_path, CI_JOB_URL=job), cwd=tmp_path
+    )
 
     assert done.returncode == 0, done.stderr
     output = done.stdout + done.stderr
@@ -766,6 +769,7 @@ def test_dry_run_prints_the_ssh_command_and_the_script_with_secrets_masked(tmp_p
     assert "[MASKED]" in output
     assert "IMAGE_REF=127.0.0.1:5001/orchestrator-app@sha256:" + "a" * 64 in output
     assert "main deploy_all" in output
+    assert re.search(rf"^OWNER='\S+ pid [0-9]+ {re.escape(job)}'$", output, re.MULTILINE)
     assert not list(tmp_path.glob("pipeline-ssh-*"))
 
 

@@ -266,7 +266,7 @@ def _owner(rt: Runtime) -> str:
     gitlab = rt.settings(GitLabSettings)
     job = gitlab.job_url or (f"job {gitlab.job_id}" if gitlab.job_id else "local run")
     text = f"{socket.gethostname()} pid {os.getpid()} {job}"
-    return _NOT_OWNER.sub("_", text.replace(" ", "~")).replace("~", " ")[:200]
+    return " ".join(_NOT_OWNER.sub("_", word) for word in text.split())[:200]
 
 
 @dataclass(frozen=True, kw_only=True)
