@@ -185,6 +185,22 @@ def test_healthy_deploy(setup: Setup) -> None:
 
 
 @pytest.mark.devserver
+def test_compose_v1_command(setup: Setup) -> None:
+    image = setup.push("main-a1b2c3d4", "v1")
+
+    done = setup.deploy(
+        image,
+        PIPELINE_DEPLOY_COMPOSE_COMMAND="docker-compose",
+        PIPELINE_DEPLOY_SERVICES="web,worker",
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert setup.server.running_image("web") == image.ref_by_digest
+    assert setup.server.running_image("worker") == image.ref_by_digest
+    assert "@deploy workers ok" in done.stderr
+
+
+@pytest.mark.devserver
 def test_second_deploy_saves_the_running_version_and_keeps_other_env_lines(setup: Setup) -> None:
     v1 = _healthy_v1(setup)
     env_file = setup.server.deploy_dir / ".env"

@@ -107,7 +107,14 @@ lock_release() {
 
 refuse() { mark preflight fail "$1"; exit 65; }
 
-enter() { cd "$DEPLOY_DIR" 2>/dev/null || refuse "cannot enter $DEPLOY_DIR as $(id -un)"; }
+enter() {
+  cd "$DEPLOY_DIR" 2>/dev/null || refuse "cannot enter $DEPLOY_DIR as $(id -un)"
+  # Compose v1 servers have only docker-compose; both accept every command used here.
+  if [ "$COMPOSE" = "docker compose" ] && ! docker compose version >/dev/null 2>&1 &&
+    command -v docker-compose >/dev/null 2>&1; then
+    COMPOSE=docker-compose
+  fi
+}
 
 preflight() {
   mark preflight begin "$DEPLOY_DIR"
