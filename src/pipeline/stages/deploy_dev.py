@@ -103,9 +103,9 @@ def run(rt: Runtime) -> None:
     """Deploy the built image to the DEV server; roll back when it is unhealthy."""
     settings = rt.settings(DeploySettings)
     _check_required(settings)
-    image = _image(rt, settings)
     with sshsession.private_dir() as private:
         conn = sshsession.connection(rt, settings, private)
+        image = _image(rt, settings)
         plan = _plan(rt, settings, image)
         deploy = Deploy(rt=rt, conn=conn, plan=plan, image=image, settings=settings)
         with sshsession.connected(rt, conn):
