@@ -52,6 +52,7 @@ from pipeline import artifact  # noqa: E402
 
 COMMIT = "b" * 40
 _COMPOSE = re.compile(r"@deploy up ok compose took ([0-9.]+)s")
+_STEP = re.compile(r"@deploy (\S+) (begin|ok|fail)")
 _NOTICED = re.compile(r"@deploy health ok|^health: HTTP 200")
 
 
@@ -61,6 +62,7 @@ class Run:
     lag: float
     total: float
     compose: float
+    steps: dict[str, float]
 
 
 def main() -> int:
@@ -126,18 +128,23 @@ def _deploy(
     watcher = threading.Thread(target=_watch, args=(port, image.version, became_healthy, stop))
     watcher.start()
     start = time.monotonic()
-    noticed, compose = _run_stage(
-        _env(server, image, port=port, tmp=tmp, mode=mode, interval=interval), tmp
+    noticed, compose, steps = _run_stage(
+        _env(server, image, port=port, tmp=tmp, mode=mode, interval=interval), tmp, start
     )
     total = time.monotonic() - start
     stop.set()
     watcher.join()
     lag = noticed - became_healthy[0] if became_healthy and noticed else float("nan")
-    return Run(handshakes=server.handshakes() - before, lag=lag, total=total, compose=compose)
+    return Run(
+        handshakes=server.handshakes() - before, lag=lag, total=total, compose=compose, steps=steps
+    )
 
 
-def _run_stage(env: dict[str, str], cwd: Path) -> tuple[float, float]:
-    """Run the stage; return when it noticed health (monotonic) and compose's seconds."""
+def _run_stage(
+    env: dict[str, str], cwd: Path, start: float
+) -> tuple[float, float, dict[str, float]]:
+    """Run the stage; return when it noticed health (monotonic), compose's seconds, and
+    the seconds each remote step took (plus "python start": until the first output)."""
     process = subprocess.Popen(
         [sys.executable, "-m", "pipeline", "deploy-dev", "--execute"],
         env=env,
@@ -147,16 +154,25 @@ def _run_stage(env: dict[str, str], cwd: Path) -> tuple[float, float]:
         text=True,
     )
     noticed, compose, lines = 0.0, float("nan"), []
+    begun: dict[str, float] = {}
+    steps: dict[str, float] = {}
     assert process.stderr is not None
     for line in process.stderr:
+        now = time.monotonic()
+        steps.setdefault("python start", now - start)
         lines.append(line)
+        if step := _STEP.match(line):
+            if step[2] == "begin":
+                begun[step[1]] = now
+            elif step[1] in begun:
+                steps[step[1]] = now - begun.pop(step[1])
         if not noticed and _NOTICED.search(line):
             noticed = time.monotonic()
         if found := _COMPOSE.search(line):
             compose = float(found[1])
     if process.wait() != 0:
         raise SystemExit("deploy failed:\n" + "".join(lines[-40:]))
-    return noticed, compose
+    return noticed, compose, steps
 
 
 def _watch(port: int, version: str, found: list[float], stop: threading.Event) -> None:
@@ -220,6 +236,12 @@ def _report(mode: str, runs: list[Run], interval: float) -> None:
         f"of {interval:g} s (target <= 1)"
     )
     print(f"  total {total:.2f} s vs compose up -d {compose:.2f} s: {total / compose:.2f}x")
+    names = dict.fromkeys(name for run in runs for name in run.steps)
+    spent = (
+        f"{name} {statistics.median(run.steps.get(name, 0.0) for run in runs):.2f}"
+        for name in names
+    )
+    print(f"  where the time goes (s): {', '.join(spent)}")
 
 
 if __name__ == "__main__":

@@ -84,6 +84,7 @@ lock_take() {
   done
   printf '%s\n' "token=$TOKEN" "owner=$OWNER" "pid=$$" \
     "started=$(date -u +%Y-%m-%dT%H:%M:%SZ)" > "$LOCK/owner"
+  printf '%s\n' "$COMPOSE" > "$LOCK/compose"
   mark lock ok "taken after ${waited}s"
 }
 
@@ -109,10 +110,16 @@ refuse() { mark preflight fail "$1"; exit 65; }
 
 enter() {
   cd "$DEPLOY_DIR" 2>/dev/null || refuse "cannot enter $DEPLOY_DIR as $(id -un)"
+  # The compose command preflight chose for this deploy (see pick_compose).
+  if [ -f "$LOCK/compose" ] && lock_is_mine; then COMPOSE=$(cat "$LOCK/compose"); fi
+}
+
+pick_compose() {
   # Compose v1 servers have only docker-compose; both accept every command used here.
   if [ "$COMPOSE" = "docker compose" ] && ! docker compose version >/dev/null 2>&1 &&
     command -v docker-compose >/dev/null 2>&1; then
     COMPOSE=docker-compose
+    mark preflight info "docker compose is not installed: using docker-compose"
   fi
 }
 
@@ -130,7 +137,7 @@ preflight() {
     [ -n "$found" ] || refuse "no compose file (compose.yaml or docker-compose.yml) in $DEPLOY_DIR (PIPELINE_DEPLOY_DIR)"
   fi
   command -v docker >/dev/null 2>&1 || refuse "docker is not installed on the server"
-  known=$(compose config --services 2>/dev/null) ||
+  known=$(compose config --services 2>/dev/null) || { pick_compose; known=$(compose config --services 2>/dev/null); } ||
     refuse "compose cannot read the project in $DEPLOY_DIR: $(compose config --services 2>&1 >/dev/null | tail -n 1)"
   for service in $SERVICES $WORKERS; do
     printf '%s\n' "$known" | grep -qxF -- "$service" ||
