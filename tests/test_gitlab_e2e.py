@@ -31,6 +31,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -542,10 +543,17 @@ def test_failing_health_check_rolls_back_and_fails_the_pipeline(
 
 
 def _remove_service_containers(server: DevServer) -> None:
+    """Remove the deploy directory's containers; runc's kill can race a container's exit,
+    so a refused removal is tried again."""
     label = f"label=com.docker.compose.project.working_dir={server.deploy_dir}"
-    containers = server.docker("ps", "--all", "--quiet", "--filter", label).stdout.split()
-    if containers:
-        server.docker("rm", "--force", *containers)
+    for _ in range(5):
+        containers = server.docker("ps", "--all", "--quiet", "--filter", label).stdout.split()
+        if (
+            not containers
+            or server.docker("rm", "--force", *containers, check=False).returncode == 0
+        ):
+            return
+        time.sleep(1)
 
 
 def _listed(project: Project, ref: str) -> dict[str, str]:
