@@ -321,8 +321,9 @@ def test_sigterm_reaches_the_executor(job: Job) -> None:
     finally:
         process.kill()
 
-    assert process.returncode == 4
-    assert "the executor was killed by signal 15; the job was cancelled" in stderr
+    assert process.returncode == 130
+    assert "pipeline: error: interrupted by SIGTERM; /" in stderr
+    assert "/executor was stopped (exit -15)" in stderr
     assert not Path(f"/proc/{attempt['pid']}").exists()
     assert not job.build_env.exists()
 
