@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import http.client
+import math
 import re
 import shutil
 import statistics
@@ -28,7 +30,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,7 +180,7 @@ def _watch(port: int, version: str, found: list[float], stop: threading.Event) -
     """Record when the new version first answers 200 on /health."""
     opener = loopback_opener()
     while not stop.is_set() and not found:
-        with contextlib.suppress(OSError, urllib.error.URLError):
+        with contextlib.suppress(OSError, http.client.HTTPException):
             with opener.open(f"http://127.0.0.1:{port}/version", timeout=1) as answer:
                 current = answer.read().decode().strip()
             with opener.open(f"http://127.0.0.1:{port}/health", timeout=1) as answer:
@@ -226,7 +227,8 @@ def _env(
 
 def _report(mode: str, runs: list[Run], interval: float) -> None:
     handshakes = max(run.handshakes for run in runs)
-    lag = statistics.median(run.lag for run in runs)
+    lags = [run.lag for run in runs if not math.isnan(run.lag)]
+    lag = statistics.median(lags) if lags else float("nan")
     total = statistics.median(run.total for run in runs)
     compose = statistics.median(run.compose for run in runs)
     print(f"health from {mode} ({len(runs)} runs, medians):")

@@ -252,6 +252,7 @@ def test_rollback_that_fails_exits_7(setup: Setup) -> None:
     [line] = error_lines(done.stderr)
     assert "failed and so did the roll back (health: no HTTP 200" in line
     assert "rollback-health: no HTTP 200" in line
+    assert f"@deploy running warn {setup.server.deploy_dir.name}_web_1 is exited" in done.stderr
     files = setup.remote_files()
     assert _env_ref(files[".env"]) == broken.ref_by_digest
     assert ".deploy.lock" not in files

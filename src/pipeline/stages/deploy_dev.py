@@ -83,7 +83,7 @@ class Session:
         return f"{ssh.last_step(self.markers) or 'connect'}: did not finish"
 
     def running(self) -> str:
-        lines = [m.text for m in self.markers if m.step == "running"]
+        lines = [m.text for m in self.markers if m.step == "running" and m.status == "info"]
         return "; ".join(lines[-_running_count(self.markers) :]) or "unknown"
 
 
@@ -95,7 +95,7 @@ def _running_count(markers: list[Marker]) -> int:
             if count:
                 break
             continue
-        count += 1
+        count += marker.status == "info"
     return count
 
 

@@ -171,7 +171,10 @@ report_running() {
   ids=$(compose ps -q $SERVICES 2>/dev/null)
   if [ -z "$ids" ]; then mark running info "no containers"; return 0; fi
   docker inspect --format '{{.Name}} {{.Config.Image}} {{.State.Status}}' $ids 2>/dev/null |
-    while read -r name image state; do mark running info "${name#/} $image $state"; done
+    while read -r name image state; do
+      mark running info "${name#/} $image $state"
+      [ "$state" = running ] || mark running warn "${name#/} is $state (if the health check passed, something else answers on its URL)"
+    done
 }
 
 save_rollback() {
