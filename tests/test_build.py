@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from pipeline import artifact
 from tests.clirun import base_env, error_lines, run_cli
 from tests.gitrepo import git, make_repo
 from tests.infra.ports import free_port
@@ -41,7 +42,7 @@ STANDIN_DIR = Path(__file__).parent / "standins" / "kaniko"
 EXECUTOR = STANDIN_DIR / "executor"
 SHA = "a1b2c3d4" + "e" * 32
 TAG = "main-a1b2c3d4"
-PLACEHOLDER = "sha256:<unknown-until-the-executor-pushes>"
+PLACEHOLDER = artifact.DRY_RUN_DIGEST_SHOWN
 
 
 @dataclass

@@ -14,7 +14,7 @@ import pytest
 
 from pipeline import artifact
 from pipeline.artifact import BuildEnv
-from pipeline.commands.run import PLACEHOLDER_DIGEST, STAGES
+from pipeline.commands.run import PLACEHOLDER_DIGEST, PLACEHOLDER_LABEL, STAGES
 from pipeline.runtime import Runtime
 from pipeline.shell import Shell
 from tests.clirun import base_env, error_lines, run_cli
@@ -77,9 +77,11 @@ def test_run_without_a_dockerfile_still_previews_and_says_where_the_real_run_wou
     assert done.returncode == 0, done.stderr
     assert stages_started(done.stderr) == STAGE_NAMES
     assert re.search(
-        r"the real run would stop at build: PIPELINE_BUILD_DOCKERFILE: .*does not exist",
+        r"warning: PIPELINE_BUILD_DOCKERFILE: .*/Dockerfile does not exist .*; "
+        r"the real run stops here",
         done.stderr,
     )
+    assert f"--dockerfile={repo}/Dockerfile" in done.stderr  # the build is still shown
     assert "the real run would stop at deploy-dev: DEV_SERVER_IP: not set" in done.stderr
 
 
@@ -149,7 +151,7 @@ def test_the_planned_build_env_is_the_one_the_build_stage_previews(checkout: Pat
     """The build stage's own dry-run prints the build.env it would write: the same values."""
     done = run_cli(["build"], cwd=checkout, env=base_env())
     assert done.returncode == 0, done.stderr
-    preview = done.stdout.replace("sha256:<unknown-until-the-executor-pushes>", PLACEHOLDER_DIGEST)
+    preview = done.stdout.replace(PLACEHOLDER_LABEL, PLACEHOLDER_DIGEST)
 
     assert preview == artifact.render(_planned(checkout))
 

@@ -20,7 +20,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pipeline.errors import ArtifactError
-from pipeline.tags import DOCKER_TAG
+from pipeline.tags import DOCKER_TAG, TagPlan
 
 SCHEMA_VERSION = "1"
 MAX_VARIABLES = 20
@@ -93,6 +93,25 @@ class BuildEnv(BaseModel):
     def pull_ref(self) -> str:
         """The image in the pull registry, by digest: what scans and deploys use."""
         return f"{self.IMAGE_PULL_REPOSITORY}@{self.IMAGE_DIGEST}"
+
+
+#: Stands in for the digest in a dry-run, where it exists only after the push would happen.
+DRY_RUN_DIGEST = "sha256:" + "0" * 64
+#: How a dry-run shows :data:`DRY_RUN_DIGEST` to people.
+DRY_RUN_DIGEST_SHOWN = "sha256:<digest-of-the-build>"
+
+
+def from_plan(plan: TagPlan, *, digest: str, commit_sha: str) -> BuildEnv:
+    """The build.env for a tag plan's build, once its digest is known (or planned)."""
+    return make(
+        image_tag=plan.image_tag,
+        digest=digest,
+        push_repository=plan.push_repository,
+        pull_repository=plan.pull_repository,
+        immutable_tags=plan.immutable_tags,
+        moving_tags=plan.moving_tags,
+        commit_sha=commit_sha,
+    )
 
 
 def make(

@@ -32,8 +32,8 @@ from pipeline.shell import Call, Shell
 #: The stages in the order the pipeline runs them.
 STAGES: tuple[Command, ...] = tuple(command for command in COMMANDS if command.stage)
 #: Stands in for the digest in a dry-run's planned build.env: nothing was pushed.
-PLACEHOLDER_DIGEST = "sha256:" + "0" * 64
-PLACEHOLDER_LABEL = "sha256:<digest-of-the-build>"
+PLACEHOLDER_DIGEST = artifact.DRY_RUN_DIGEST
+PLACEHOLDER_LABEL = artifact.DRY_RUN_DIGEST_SHOWN
 
 
 #: Each stage's module (``run(rt)`` and ``SETTINGS``), by stage name.
@@ -110,16 +110,7 @@ def _stop(rt: Runtime, command: Command, exc: UsageError) -> str:
 
 def planned_build_env(rt: Runtime) -> BuildEnv:
     """The build.env the build stage would write for this context, digest unknown."""
-    plan = rt.plan
-    return artifact.make(
-        image_tag=plan.image_tag,
-        digest=PLACEHOLDER_DIGEST,
-        push_repository=plan.push_repository,
-        pull_repository=plan.pull_repository,
-        immutable_tags=plan.immutable_tags,
-        moving_tags=plan.moving_tags,
-        commit_sha=rt.context.sha,
-    )
+    return artifact.from_plan(rt.plan, digest=PLACEHOLDER_DIGEST, commit_sha=rt.context.sha)
 
 
 def _announce(planned: BuildEnv) -> None:

@@ -20,7 +20,7 @@ from typing import TypeVar
 
 import pipeline
 from pipeline import artifact, auth
-from pipeline.artifact import BuildEnv
+from pipeline.artifact import DRY_RUN_DIGEST, DRY_RUN_DIGEST_SHOWN, BuildEnv
 from pipeline.errors import ExternalError, ToolMissingError, UsageError
 from pipeline.log import log
 from pipeline.retry import call_with_retry
@@ -37,9 +37,6 @@ KANIKO_DIR = Path("/kaniko")
 DEFAULT_EXECUTOR = KANIKO_DIR / "executor"
 #: Where the executor writes its digest files, under the project directory (a mount).
 OUTPUT_DIR = Path(".pipeline") / "build"
-#: Stands in for the digest in the dry-run preview of build.env, shown as PLACEHOLDER_SHOWN.
-PLACEHOLDER_DIGEST = "sha256:" + "0" * 64
-PLACEHOLDER_SHOWN = "sha256:<unknown-until-the-executor-pushes>"
 #: Lines of the executor's stdout and of its stderr read to classify a failure.
 TAIL_LINES = 20
 #: What must still be on disk after the executor exits, noted before it starts.
@@ -56,7 +53,7 @@ def run(rt: Runtime) -> None:
         plan = rt.plan
         build = plan_build(rt, plan)
         _check(rt, build)
-        preview = _build_env(rt, plan, PLACEHOLDER_DIGEST)
+        preview = artifact.from_plan(plan, digest=DRY_RUN_DIGEST, commit_sha=rt.context.sha)
         artifact.render(preview)  # the same code writes build.env once the executor is done
     with auth.docker_config(rt) as docker_config, log.step("build and push with kaniko"):
         _execute(rt, build, docker_config)
@@ -65,7 +62,9 @@ def run(rt: Runtime) -> None:
         return
     with log.step("write build.env"):
         digest = read_digest(build, plan)
-        artifact.write(rt.build_env_path, _build_env(rt, plan, digest))
+        artifact.write(
+            rt.build_env_path, artifact.from_plan(plan, digest=digest, commit_sha=rt.context.sha)
+        )
     _summarise(rt, plan, digest)
 
 
@@ -76,7 +75,7 @@ def plan_build(rt: Runtime, plan: TagPlan) -> kaniko.Build:
     """The executor run for this context: checked inputs, destinations, labels, retries."""
     settings = rt.settings(BuildSettings)
     registry = rt.settings(RegistrySettings)
-    context, dockerfile = _inputs(rt.project_dir, settings)
+    context, dockerfile = _inputs(rt.project_dir, settings, dry_run=rt.dry_run)
     outputs = rt.project_dir / OUTPUT_DIR
     cache_repo = settings.cache_repo or f"{rt.image_name}/cache"
     return kaniko.Build(
@@ -100,8 +99,12 @@ def plan_build(rt: Runtime, plan: TagPlan) -> kaniko.Build:
     )
 
 
-def _inputs(project_dir: Path, settings: BuildSettings) -> tuple[Path, Path]:
-    """The build context and Dockerfile, absolute, both inside the project directory."""
+def _inputs(project_dir: Path, settings: BuildSettings, *, dry_run: bool) -> tuple[Path, Path]:
+    """The build context and Dockerfile, absolute, both inside the project directory.
+
+    A dry-run shows the build even when they are missing (a laptop checkout may
+    not have them yet), with a warning that the real run stops there.
+    """
     project = project_dir.resolve()
     context = (project / settings.context).resolve()
     if not context.is_relative_to(project):
@@ -110,18 +113,25 @@ def _inputs(project_dir: Path, settings: BuildSettings) -> tuple[Path, Path]:
             "(CI_PROJECT_DIR); the build may only see what the job checked out"
         )
     if not context.is_dir():
-        raise UsageError(f"PIPELINE_BUILD_CONTEXT: {context} is not a directory")
+        _missing(f"PIPELINE_BUILD_CONTEXT: {context} is not a directory", dry_run=dry_run)
     dockerfile = (context / settings.dockerfile).resolve()
     if not dockerfile.is_relative_to(project):
         raise UsageError(
             f"PIPELINE_BUILD_DOCKERFILE: {dockerfile} is outside the project directory {project}"
         )
     if not dockerfile.is_file():
-        raise UsageError(
+        _missing(
             f"PIPELINE_BUILD_DOCKERFILE: {dockerfile} does not exist "
-            f"(the setting is relative to the build context {context})"
+            f"(the setting is relative to the build context {context})",
+            dry_run=dry_run,
         )
     return context, dockerfile
+
+
+def _missing(problem: str, *, dry_run: bool) -> None:
+    if not dry_run:
+        raise UsageError(problem)
+    log.warn(f"{problem}; the real run stops here")
 
 
 def _labels(rt: Runtime, plan: TagPlan) -> tuple[tuple[str, str], ...]:
@@ -341,24 +351,12 @@ def _parse(path: Path, parser: Callable[[str], T]) -> T:
         raise ExternalError(f"{path}: {exc}") from None
 
 
-def _build_env(rt: Runtime, plan: TagPlan, digest: str) -> BuildEnv:
-    return artifact.make(
-        image_tag=plan.image_tag,
-        digest=digest,
-        push_repository=plan.push_repository,
-        pull_repository=plan.pull_repository,
-        immutable_tags=plan.immutable_tags,
-        moving_tags=plan.moving_tags,
-        commit_sha=rt.context.sha,
-    )
-
-
 def _show_preview(rt: Runtime, preview: BuildEnv) -> None:
     log.info(
         f"build.env that would be written to {rt.build_env_path} (digest known after the push):"
     )
     for line in artifact.render(preview).splitlines():
-        log.data(line.replace(PLACEHOLDER_DIGEST, PLACEHOLDER_SHOWN))
+        log.data(line.replace(DRY_RUN_DIGEST, DRY_RUN_DIGEST_SHOWN))
 
 
 def _summarise(rt: Runtime, plan: TagPlan, digest: str) -> None:
