@@ -335,11 +335,6 @@ def dev_server_registries(registry: Registry) -> Sequence[str]:
 
 @pytest.mark.registry
 @pytest.mark.devserver
-@pytest.mark.xfail(
-    reason="deploy-dev's dry-run leaves out the closing `ssh -O exit` the real run sends "
-    "(its connection context skips it under dry-run instead of letting the shell print it)",
-    strict=True,
-)
 def test_deploy_dry_run_equals_its_real_run(
     project: Path, registry: Registry, service: ServiceImage, dev_server: DevServer
 ) -> None:

@@ -222,6 +222,8 @@ class RegistrySettings(Settings):
     user: str | None = None
     password: SecretStr | None = None
     ca_file: Path | None = Field(None, validation_alias="PIPELINE_REGISTRY_CA_FILE")
+    #: ``false``: no certificate checks and plain http allowed, in every stage (test registries).
+    tls_verify: bool = Field(True, validation_alias="PIPELINE_REGISTRY_TLS_VERIFY")
 
     @field_validator("registry", "registry_pull")
     @classmethod
@@ -398,8 +400,6 @@ class PushSettings(Settings):
     git_deepen: int = Field(200, ge=1)
     git_remote: str = Field("origin", pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
     command_timeout_seconds: float = Field(300.0, gt=0)
-    #: ``false`` talks to the registries without verifying TLS, or over plain http.
-    tls_verify: bool = Field(True, validation_alias="PIPELINE_REGISTRY_TLS_VERIFY")
 
 
 class ScanSettings(Settings):
@@ -520,8 +520,6 @@ class DeploySettings(Settings):
     lock_stale_seconds: int = Field(900, ge=1)
     lock_wait_seconds: int = Field(600, ge=0)
     connect_timeout: int = Field(15, ge=1, le=600)
-    #: ``false``: resolve ``--image-tag`` over plain http or without verifying TLS.
-    registry_tls_verify: bool = Field(True, validation_alias="PIPELINE_REGISTRY_TLS_VERIFY")
 
     @field_validator("server_ip", "server_host")
     @classmethod

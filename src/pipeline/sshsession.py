@@ -142,9 +142,8 @@ def connected(rt: Runtime, conn: ssh.Connection) -> Iterator[None]:
         open_master(rt, conn)
     try:
         yield
-    finally:
-        if not rt.dry_run:
-            rt.shell.run(ssh.exit_argv(conn), ok_codes=range(256), stream=False, timeout=30)
+    finally:  # under dry-run the shell prints it: the preview ends as the real run does
+        rt.shell.run(ssh.exit_argv(conn), ok_codes=range(256), stream=False, timeout=30)
 
 
 def open_master(rt: Runtime, conn: ssh.Connection) -> None:

@@ -11,19 +11,14 @@ one script in one session) or from the runner between sessions.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import secrets
-import shutil
 import socket
-import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NoReturn
 
 from pipeline import auth, sshsession
@@ -36,6 +31,7 @@ from pipeline.errors import (
     UsageError,
 )
 from pipeline.log import log
+from pipeline.registry import access as registry_access
 from pipeline.runtime import Runtime
 from pipeline.settings import (
     DeploySettings,
@@ -177,7 +173,7 @@ def _resolve_tag(rt: Runtime, settings: DeploySettings, tag: str) -> Image:
     repository = f"{registry.registry_pull}/{rt.image_name}"
     with (
         log.step(f"resolve {repository}:{tag} to a digest"),
-        _registry_access(rt, settings) as access,
+        registry_access(rt) as access,
     ):
         result = rt.shell.run(
             skopeo.inspect_raw(f"{repository}:{tag}", access=access),
@@ -188,25 +184,6 @@ def _resolve_tag(rt: Runtime, settings: DeploySettings, tag: str) -> Image:
     digest = skopeo.raw_digest(result.stdout) if result.ran else DRY_RUN_DIGEST
     log.info(f"{repository}:{tag} is {digest}" + ("" if result.ran else " (dry-run: not resolved)"))
     return Image(repository=repository, tag=tag, digest=digest)
-
-
-@contextlib.contextmanager
-def _registry_access(rt: Runtime, settings: DeploySettings) -> Iterator[skopeo.Access]:
-    ca_file = rt.settings(RegistrySettings).ca_file
-    with (
-        auth.docker_config(rt) as config,
-        tempfile.TemporaryDirectory(prefix="pipeline-ca-") as certs,
-    ):
-        cert_dir = None
-        if ca_file is not None:
-            shutil.copyfile(ca_file, Path(certs) / "ca.crt")
-            cert_dir = Path(certs)
-        authfile = config / "config.json"
-        yield skopeo.Access(
-            authfile=authfile if authfile.exists() else None,
-            cert_dir=cert_dir,
-            tls_verify=settings.registry_tls_verify,
-        )
 
 
 # --- the remote flow ---------------------------------------------------------------------

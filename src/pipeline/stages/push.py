@@ -18,21 +18,18 @@ what to fix. Under ``--dry-run`` the skopeo commands are printed, not run.
 
 from __future__ import annotations
 
-import contextlib
 import re
 import shlex
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from pipeline import auth
 from pipeline.artifact import BuildEnv
 from pipeline.errors import ArtifactError, CommandError, ExternalError, PipelineError, UsageError
 from pipeline.log import log
+from pipeline.registry import access as registry_access
 from pipeline.runtime import Runtime
 from pipeline.settings import PushSettings, RegistrySettings, Settings, VaultSettings
 from pipeline.shell import Result, Shell
@@ -55,12 +52,7 @@ def run(rt: Runtime) -> None:
         return
     settings = rt.settings(PushSettings)
     _check_hosts(rt, env)
-    with auth.docker_config(rt) as config_dir, _cert_dir(rt) as cert_dir:
-        access = Access(
-            authfile=config_dir / auth.CONFIG_NAME,
-            cert_dir=cert_dir,
-            tls_verify=settings.tls_verify,
-        )
+    with registry_access(rt) as access:
         registry = Registry(shell=rt.shell, access=access, timeout=settings.command_timeout_seconds)
         if rt.dry_run:
             _show(registry, env, tags)
@@ -103,30 +95,6 @@ def _check_hosts(rt: Runtime, env: BuildEnv) -> None:
                 f"build.env names {repository} but {variable} is {host}: "
                 "credentials are written for the latter; set the same value in both jobs"
             )
-
-
-@contextlib.contextmanager
-def _cert_dir(rt: Runtime) -> Iterator[Path | None]:
-    """A directory holding ``PIPELINE_REGISTRY_CA_FILE`` as ``ca.crt`` (skopeo's layout)."""
-    if not rt.settings(PushSettings).tls_verify:
-        log.warn(
-            "PIPELINE_REGISTRY_TLS_VERIFY=false: registry certificates are not verified and "
-            "plain http is allowed; use it for test registries only"
-        )
-    ca_file = rt.settings(RegistrySettings).ca_file
-    if ca_file is None:
-        yield None
-        return
-    if not ca_file.is_file():
-        raise UsageError(
-            f"PIPELINE_REGISTRY_CA_FILE: {ca_file} is not a file; set it to a PEM bundle"
-        )
-    directory = Path(tempfile.mkdtemp(prefix="pipeline-certs-"))
-    try:
-        shutil.copyfile(ca_file, directory / "ca.crt")
-        yield directory
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 # --- the registry, through skopeo ------------------------------------------------------

@@ -83,8 +83,13 @@ def _failure_reported(rt: Runtime, settings: ScanSettings, start: str) -> Iterat
 
 def _scan(rt: Runtime, settings: ScanSettings, build: BuildEnv, output: Path) -> None:
     scan = _image_scan(rt, settings, build.pull_ref, output)
-    if settings.insecure:
-        log.warn("PIPELINE_SCAN_INSECURE=true: Trivy skips TLS verification of the registry")
+    if scan.insecure:
+        why = (
+            "PIPELINE_SCAN_INSECURE=true"
+            if settings.insecure
+            else "PIPELINE_REGISTRY_TLS_VERIFY=false"
+        )
+        log.warn(f"{why}: Trivy skips TLS verification of the registry")
     if not rt.dry_run:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.unlink(missing_ok=True)  # never parse a report left by an earlier run
@@ -106,7 +111,7 @@ def _image_scan(rt: Runtime, settings: ScanSettings, image: str, output: Path) -
         db_repository=settings.db_repository,
         java_db_repository=settings.java_db_repository,
         skip_db_update=settings.skip_db_update,
-        insecure=settings.insecure,
+        insecure=settings.insecure or not rt.settings(RegistrySettings).tls_verify,
         platform=settings.platform,
     )
 
