@@ -402,13 +402,9 @@ def _wait_for(path: Path, timeout: float = 60) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.devserver
-def test_connection_dropped_mid_deploy_and_the_next_deploy_recovers(setup: Setup) -> None:
-    v1 = _healthy_v1(setup)
-    v2 = setup.push("main-22222222", "v2")
-    setup.write_build_env(v2)
-    env = setup.env(PIPELINE_DEPLOY_HEALTH_TRIES="10")
-    first = subprocess.Popen(
+def _deploy_and_drop_the_connection(setup: Setup, env: dict[str, str]) -> subprocess.Popen[str]:
+    """Start a deploy, and kill its SSH connections once its new .env is pending."""
+    deploy = subprocess.Popen(
         [sys.executable, "-m", "pipeline", "deploy-dev", "--execute"],
         env=env,
         cwd=setup.workdir,
@@ -418,6 +414,16 @@ def test_connection_dropped_mid_deploy_and_the_next_deploy_recovers(setup: Setup
     )
     _wait_for(setup.server.deploy_dir / ".deploy-pending")
     assert _kill_connections(setup.server) >= 1
+    return deploy
+
+
+@pytest.mark.devserver
+def test_connection_dropped_mid_deploy_and_the_next_deploy_recovers(setup: Setup) -> None:
+    v1 = _healthy_v1(setup)
+    v2 = setup.push("main-22222222", "v2")
+    setup.write_build_env(v2)
+    env = setup.env(PIPELINE_DEPLOY_HEALTH_TRIES="10")
+    first = _deploy_and_drop_the_connection(setup, env)
     _, stderr = first.communicate(timeout=120)
 
     assert first.returncode == 0, stderr
@@ -442,16 +448,7 @@ def test_connection_dropped_with_runner_health_reconnects_and_rolls_back(setup: 
     v2 = setup.push("main-22222222", "v2")
     setup.write_build_env(v2)
     env = setup.env(PIPELINE_DEPLOY_HEALTH_FROM="runner")
-    first = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "deploy-dev", "--execute"],
-        env=env,
-        cwd=setup.workdir,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    _wait_for(setup.server.deploy_dir / ".deploy-pending")
-    assert _kill_connections(setup.server) >= 1
+    first = _deploy_and_drop_the_connection(setup, env)
     _, stderr = first.communicate(timeout=180)
 
     assert first.returncode == 6, stderr
